@@ -1,0 +1,121 @@
+"""Functional building blocks of the inner maximization.
+
+Everything here works on a batch of [0, 1] images of shape [B, ...] and per-example tensors
+of shape [B]. Nothing holds a model or parameters, nothing calls ``.backward()``, and
+nothing synchronises with the host, so these pieces can sit inside a ``training_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin", "dlr")
+_TINY = 1e-12
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return norm
+
+
+def _flat_norm(t: Tensor, p: float) -> Tensor:
+    """Per-example p-norm of a batch, shaped [B, 1, ..., 1] to broadcast against it."""
+    return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+    """Projects ``delta`` onto the eps-ball, then onto the [0, 1] box around ``x``.
+
+    Ball first, box second, as in every official repository. The result lies in both sets:
+    since ``x`` is in [0, 1], the box clamp only moves each coordinate of ``x + delta``
+    towards ``x``, so it never leaves the ball it was projected onto.
+    """
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _flat_norm(delta, 2).clamp_min(_TINY)).clamp(max=1.0)
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
+    """A uniform draw from the eps-ball (Linf: U(-eps, eps) per pixel; L2: uniform in the ball), box-projected."""
+    noise = torch.empty_like(x)
+    if norm == "linf":
+        noise.uniform_(-eps, eps, generator=generator)
+    else:
+        noise.normal_(generator=generator)
+        direction = noise / _flat_norm(noise, 2).clamp_min(_TINY)
+        # radius ~ eps * U^(1/d) makes the draw uniform in the d-dimensional ball
+        d = x[0].numel()
+        u = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)
+        noise = direction * (eps * u.pow(1.0 / d)).view(-1, *([1] * (x.dim() - 1)))
+    return project(noise, x, eps, norm)
+
+
+def ascent_step(delta: Tensor, grad: Tensor, step_size: float, norm: str) -> Tensor:
+    """One steepest-ascent step: sign of the gradient for Linf, the unit gradient for L2."""
+    if norm == "linf":
+        return delta + step_size * grad.sign()
+    return delta + step_size * grad / _flat_norm(grad, 2).clamp_min(_TINY)
+
+
+def fosc(x_adv: Tensor, x: Tensor, grad: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """First-order stationary condition (Wang et al., ICML 2019), one value per example.
+
+    ``c(x_k) = max_{x' in ball(x, eps)} <x' - x_k, g> = eps * ||g||_* - <x_k - x, g>``, where
+    ``||.||_*`` is the dual norm (L1 for Linf, L2 for L2) and ``g`` is the gradient of the
+    *per-example* loss at ``x_k`` (sum, not mean, over the batch: a mean divides FOSC by B).
+    The [0, 1] box is ignored, as in the official code. ``c >= 0``; 0 means stationary.
+    """
+    g = grad.flatten(1).float()
+    dual = g.abs().sum(1) if check_norm(norm) == "linf" else g.norm(dim=1)
+    return eps * dual - ((x_adv - x).flatten(1).float() * g).sum(1)
+
+
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Carlini-Wagner margin, per example: max_{j != y} z_j - z_y (positive once misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
+
+
+def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Difference of logits ratio (Croce & Hein, ICML 2020), per example, to be maximised.
+
+    ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12)`` with ``z_pi`` the sorted logits;
+    scale-invariant, so it does not saturate the way CE does. Needs at least 3 classes.
+    """
+    top = logits.sort(dim=1, descending=True).values
+    return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + _TINY)
+
+
+def per_example_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The attack objective by name: logits, labels -> per-example loss [B] to maximise."""
+    if name == "ce":
+        return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
+    if name == "margin":
+        return margin_loss
+    if name == "dlr":
+        return dlr_loss
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+def loss_and_input_grad(
+    model: nn.Module, x: Tensor, delta: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example loss, logits and d(sum of losses)/d(delta) by ``torch.autograd.grad``.
+
+    Summing keeps each example's gradient at its own scale (what FOSC needs) and leaves
+    every parameter's ``.grad`` untouched, so DDP's reducer never fires.
+    """
+    delta = delta.detach().requires_grad_(True)
+    logits = model(x + delta)
+    losses = loss_fn(logits, y)
+    (grad,) = torch.autograd.grad(losses.sum(), delta)
+    return losses.detach(), logits.detach(), grad

@@ -1,0 +1,205 @@
+"""Projected gradient attacks: PGD (Madry et al., ICLR 2018) and FGSM / FGSM-RS as its one-step case."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Iterator, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lit_robust.attacks import functional as AF
+
+BN_MODES = ("eval", "train")
+
+
+@dataclass
+class AttackResult:
+    """What one attack run found, per example (first dimension B everywhere)."""
+
+    x_adv: Tensor  #: the adversarial batch, detached, inside the eps-ball and [0, 1]
+    logits: Tensor  #: the model's logits at ``x_adv`` (in the attack's module mode), detached
+    loss: Tensor  #: the attack objective at ``x_adv``
+    steps: Tensor  #: ascent steps taken (fewer than ``steps`` once FOSC froze the example)
+    fosc: Optional[Tensor] = None  #: FOSC at ``x_adv`` when the attack tracks it
+
+    @property
+    def predictions(self) -> Tensor:
+        return self.logits.argmax(1)
+
+    def pick(self, other: "AttackResult", take_other: Tensor) -> "AttackResult":
+        """Per example, this result or ``other`` where ``take_other`` is True."""
+        merged = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine is None:
+                merged[f.name] = None
+                continue
+            mask = take_other.view(-1, *([1] * (mine.dim() - 1)))
+            merged[f.name] = torch.where(mask, theirs, mine)
+        return AttackResult(**merged)
+
+
+@contextmanager
+def module_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Runs the block with every submodule in eval (``"eval"``) or train (``"train"``) mode.
+
+    Each submodule's own ``training`` flag is saved and restored afterwards, so modules a
+    user froze on purpose stay frozen after the attack (``model.train()`` would unfreeze them).
+    ``"eval"`` uses BatchNorm running statistics and leaves them untouched; ``"train"`` uses
+    batch statistics and updates the running ones, as the Madry and locuslab codes do.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    for m, _ in saved:
+        m.training = bn_mode == "train"
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+class Attack:
+    """An inner maximizer. Holds no model and no parameters: ``attack(model, x, y) -> x_adv``.
+
+    The same object therefore serves the live model, an EMA copy, each DDP rank or a
+    user's own module. ``run`` returns the richer :class:`AttackResult`.
+    """
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.run(model, x, y).x_adv
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        raise NotImplementedError
+
+
+class PGD(Attack):
+    """Projected gradient ascent on a per-example loss inside an Linf or L2 ball.
+
+    Args:
+        eps: radius of the threat model, in [0, 1] pixel units (8/255 for CIFAR Linf).
+        steps: ascent steps K (Madry et al. trained with 7, Rice et al. with 10).
+        step_size: step per iteration; default ``2.5 * eps / steps`` (Madry et al.'s rule).
+        norm: ``"linf"`` (sign steps) or ``"l2"`` (unit-gradient steps).
+        random_start: start from a uniform draw in the ball instead of the clean image.
+        restarts: independent runs; per example the misclassifying run wins, ties broken by
+            the higher loss.
+        loss: ``"ce"``, ``"margin"`` (Carlini-Wagner) or ``"dlr"`` (Croce & Hein).
+        bn_mode: module mode during the attack (see :func:`module_mode`).
+        fosc_threshold: freeze an example once its FOSC at the current iterate is
+            <= this value (Wang et al. 2019). As in the official code the first step is
+            always taken, and FOSC is tracked in the result.
+        track_fosc: report FOSC at ``x_adv`` without early stopping.
+
+    Cost: ``restarts * steps`` forward+backward passes, plus one forward per restart to
+    score ``x_adv`` (a forward+backward if FOSC is tracked). ``attack(model, x, y)`` with one
+    restart and no FOSC skips that scoring pass.
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        steps: int = 10,
+        step_size: Optional[float] = None,
+        norm: Literal["linf", "l2"] = "linf",
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: Literal["ce", "margin", "dlr"] = "ce",
+        bn_mode: Literal["eval", "train"] = "eval",
+        fosc_threshold: Optional[float] = None,
+        track_fosc: bool = False,
+    ) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps}")
+        if step_size is not None and not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        if int(restarts) != restarts or restarts < 1:
+            raise ValueError(f"restarts must be an integer >= 1, got {restarts}")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if fosc_threshold is not None and fosc_threshold < 0:
+            raise ValueError(f"fosc_threshold must be >= 0 or None, got {fosc_threshold}")
+        self.loss_fn = AF.per_example_loss(loss)
+        self.norm = AF.check_norm(norm)
+        self.eps = float(eps)
+        self.steps = int(steps)
+        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
+        self.random_start = random_start
+        self.restarts = int(restarts)
+        self.loss = loss
+        self.bn_mode = bn_mode
+        self.fosc_threshold = fosc_threshold
+        self.track_fosc = track_fosc or fosc_threshold is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(eps={self.eps:.4g}, steps={self.steps}, step_size={self.step_size:.4g}, "
+            f"norm={self.norm!r}, random_start={self.random_start}, restarts={self.restarts}, loss={self.loss!r})"
+        )
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if self.restarts > 1 or self.track_fosc:
+            return self.run(model, x, y).x_adv
+        with module_mode(model, self.bn_mode):
+            return self._ascend(model, x.detach(), y)[0]
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        best = None
+        with module_mode(model, self.bn_mode):
+            for _ in range(self.restarts):
+                result = self._single_run(model, x, y)
+                if best is None:
+                    best = result
+                    continue
+                new_wrong, old_wrong = result.predictions != y, best.predictions != y
+                better = (new_wrong & ~old_wrong) | ((new_wrong == old_wrong) & (result.loss > best.loss))
+                best = best.pick(result, better)
+        return best
+
+    def _single_run(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        x = x.detach()
+        x_adv, taken = self._ascend(model, x, y)
+        if self.track_fosc:
+            loss, logits, grad = AF.loss_and_input_grad(model, x, x_adv - x, y, self.loss_fn)
+            return AttackResult(x_adv, logits, loss, taken, AF.fosc(x_adv, x, grad, self.eps, self.norm))
+        with torch.no_grad():
+            logits = model(x_adv)
+        return AttackResult(x_adv, logits, self.loss_fn(logits, y), taken)
+
+    def _ascend(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The K masked ascent steps; returns x_adv and the steps each example took."""
+        delta = AF.random_start(x, self.eps, self.norm) if self.random_start else torch.zeros_like(x)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        taken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for k in range(self.steps):
+            _, _, grad = AF.loss_and_input_grad(model, x, delta, y, self.loss_fn)
+            if self.fosc_threshold is not None and k > 0:
+                active = active & (AF.fosc(x + delta, x, grad, self.eps, self.norm) > self.fosc_threshold)
+            stepped = AF.project(AF.ascent_step(delta, grad, self.step_size, self.norm), x, self.eps, self.norm)
+            delta = torch.where(active.view(-1, *([1] * (x.dim() - 1))), stepped, delta)
+            taken += active
+        return (x + delta).detach(), taken
+
+
+class FGSM(PGD):
+    """FGSM (Goodfellow et al., ICLR 2015) and, with ``random_start=True``, FGSM-RS (Wong et al., ICLR 2020).
+
+    One signed-gradient step of size ``step_size``: ``eps`` by default, ``1.25 * eps`` with
+    a random start (the "Fast is better than free" recipe). Cost: 1 forward+backward.
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        step_size: Optional[float] = None,
+        norm: Literal["linf", "l2"] = "linf",
+        random_start: bool = False,
+        loss: Literal["ce", "margin", "dlr"] = "ce",
+        bn_mode: Literal["eval", "train"] = "eval",
+    ) -> None:
+        if step_size is None:
+            step_size = 1.25 * eps if random_start else eps
+        super().__init__(eps, 1, step_size, norm, random_start, 1, loss, bn_mode)

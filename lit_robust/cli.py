@@ -1,0 +1,55 @@
+"""Command line: ``lit-robust fit --config configs/quickstart.yaml`` (``python train.py`` is the same).
+
+A ``LightningCLI`` over every ``AdversarialModule`` and every ``LightningDataModule``
+(choose them by ``class_path`` in the config), plus one option of ours: ``--test_after_fit``
+runs ``trainer.test`` on the trained weights right after ``fit`` and prints a summary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning.pytorch as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_robust.defenses.base import AdversarialModule
+
+SUMMARY_KEYS = ("test/clean_acc", "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc")
+
+
+class RobustCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="test the final weights on the test split after fit")
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].test_after_fit:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+            print_summary(self.trainer)
+
+    def after_test(self) -> None:
+        print_summary(self.trainer)
+
+
+def print_summary(trainer: L.Trainer) -> None:
+    """One line with the test accuracies, for logs and the README."""
+    if not trainer.is_global_zero:
+        return
+    found = {k: float(v) for k, v in trainer.callback_metrics.items() if k in SUMMARY_KEYS}
+    if found:
+        print("lit_robust summary: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(found.items())))
+
+
+def main(args: Optional[list[str]] = None) -> RobustCLI:
+    return RobustCLI(
+        AdversarialModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

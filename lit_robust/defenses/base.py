@@ -1,0 +1,202 @@
+"""``AdversarialModule``: what every defense shares, so a defense file only holds its algorithm.
+
+Owns: optimizer and scheduler wiring, clean / robust metrics (torchmetrics, exact under DDP),
+robust validation and test with gradients enabled (also under ``trainer.validate`` /
+``trainer.test``, which run in inference mode), the [0, 1] input check, a non-finite loss
+guard, and the logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
+``val/robust_acc``, ``test/clean_acc``, ``test/robust_acc`` (+ ``test/autoattack_acc`` and
+``test/worst_case_acc`` when AutoAttack runs at test time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lit_robust.attacks import PGD
+from lit_robust.attacks.functional import check_norm
+from lit_robust.attacks.pgd import BN_MODES
+from lit_robust.evaluation.autoattack import autoattack
+
+_METRICS = ("train/adv_acc", "train/clean_acc", "val/clean_acc", "val/robust_acc", "test/clean_acc",
+            "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc")
+
+
+@dataclass
+class TrainingOutput:
+    """What a defense's ``training_loss`` returns: the loss to minimise and the logits it saw."""
+
+    loss: Tensor
+    adv_logits: Optional[Tensor] = None  #: logits on the adversarial batch (``train/adv_acc``)
+    clean_logits: Optional[Tensor] = None  #: given when the defense computed them anyway (``train/clean_acc``)
+
+
+def check_pixel_range(x: Tensor) -> None:
+    """Raises if a batch is not made of [0, 1] images (a silent wrong threat model otherwise)."""
+    lo, hi = torch.aminmax(x.detach())
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"inputs must be images in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]; "
+            "normalise inside the model (lit_robust.models.Normalize), not in the data pipeline"
+        )
+
+
+class AdversarialModule(L.LightningModule):
+    """Base class of every defense. Subclasses build ``self.attack`` and implement ``training_loss``.
+
+    Args:
+        model: maps [0, 1] images to logits (normalisation inside it).
+        eps, norm: the threat model, in [0, 1] pixel units.
+        steps, step_size: the training attack's iterations and step.
+        optimizer: ``params -> Optimizer``; default SGD(lr=0.1, momentum=0.9, weight_decay=5e-4).
+        lr_scheduler: ``optimizer -> LRScheduler`` stepped every ``lr_scheduler_interval``;
+            default: x0.1 at 50% and 75% of the training steps (Rice et al.'s 100/150 of 200
+            epochs), computed from ``trainer.estimated_stepping_batches``.
+        attack_bn_mode: module mode during the training attack, ``"eval"`` (running BN
+            statistics, untouched) or ``"train"`` (batch statistics, as Madry/Rice did).
+        val_attack_steps, test_attack_steps: PGD iterations of the evaluation attacks (step
+            ``2.5 * eps / steps``, random start, CE, eval mode).
+        test_autoattack: also run the reference AutoAttack in ``test`` (slow; RobustBench's protocol).
+        autoattack_version: ``"standard"`` for deterministic models, ``"rand"`` for randomised ones.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        norm: Literal["linf", "l2"] = "linf",
+        steps: int = 10,
+        step_size: float = 2 / 255,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        attack_bn_mode: Literal["eval", "train"] = "eval",
+        val_attack_steps: int = 10,
+        test_attack_steps: int = 20,
+        test_autoattack: bool = False,
+        autoattack_version: Literal["standard", "plus", "rand"] = "standard",
+    ) -> None:
+        super().__init__()
+        if attack_bn_mode not in BN_MODES:
+            raise ValueError(f"attack_bn_mode must be one of {BN_MODES}, got {attack_bn_mode!r}")
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        self.model = model
+        self.eps, self.norm = float(eps), check_norm(norm)
+        self.steps, self.step_size = steps, step_size
+        self.attack_bn_mode = attack_bn_mode
+        self.test_autoattack, self.autoattack_version = test_autoattack, autoattack_version
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        # PGD validates eps, steps and step sizes with messages naming each argument.
+        PGD(eps, steps, step_size, norm)
+        self.val_attack = PGD(eps, _named(val_attack_steps, "val_attack_steps"), norm=norm)
+        self.test_attack = PGD(eps, _named(test_attack_steps, "test_attack_steps"), norm=norm)
+        self.metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
+        self._first_nonfinite_step: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    # --- what a defense implements -------------------------------------------------------
+
+    def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
+        """The inner maximization and the outer loss for one batch."""
+        raise NotImplementedError
+
+    # --- training --------------------------------------------------------------------------
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        if batch_idx == 0:
+            check_pixel_range(x)
+        out = self.training_loss(x, y)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=x.shape[0])
+        if out.adv_logits is not None:
+            self._log_accuracy("train/adv_acc", out.adv_logits, y)
+        if out.clean_logits is not None:
+            self._log_accuracy("train/clean_acc", out.clean_logits, y)
+        self.watch_loss(out.loss)
+        return out.loss
+
+    def watch_loss(self, loss: Tensor) -> None:
+        """Remembers, on the device, the first step whose loss was not finite (no host sync)."""
+        step = torch.full((), self.global_step, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        first = self._first_nonfinite_step
+        first = torch.full((), -1, device=loss.device) if first is None else first
+        self._first_nonfinite_step = torch.where(bad & (first < 0), step, first)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Checked where Lightning syncs for logging anyway, and at the end of each epoch.
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        if self._first_nonfinite_step is not None and (last or self.global_step % self.trainer.log_every_n_steps == 0):
+            step = int(self._first_nonfinite_step)
+            if step >= 0:
+                raise FloatingPointError(f"training loss became non-finite at global step {step}; stopping")
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val", self.val_attack)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test", self.test_attack)
+
+    def _evaluate(self, batch: Any, batch_idx: int, stage: str, attack: PGD) -> None:
+        x, y = batch
+        if batch_idx == 0:
+            check_pixel_range(x)
+        # validate/test run under inference mode by default; attacks need gradients, and
+        # cross_entropy saves its target for backward, so both x and y are cloned out of it.
+        with torch.inference_mode(False), torch.enable_grad():
+            x, y = x.clone(), y.clone()
+            with torch.no_grad():
+                clean_logits = self.model(x)
+            robust = attack.run(self.model, x, y).predictions == y
+            self._log_accuracy(f"{stage}/clean_acc", clean_logits, y)
+            self._log_correct(f"{stage}/robust_acc", robust)
+            if stage == "test" and self.test_autoattack:
+                x_aa = autoattack(self.model, x, y, self.eps, self.norm, self.autoattack_version)
+                with torch.no_grad():
+                    aa_robust = self.model(x_aa.to(x.dtype)).argmax(1) == y
+                self._log_correct("test/autoattack_acc", aa_robust)
+                self._log_correct("test/worst_case_acc", aa_robust & robust)
+
+    def _log_accuracy(self, name: str, logits: Tensor, y: Tensor) -> None:
+        self._log_correct(name, logits.detach().argmax(1) == y)
+
+    def _log_correct(self, name: str, correct: Tensor) -> None:
+        metric = self.metrics[name.replace("/", "_")]
+        metric.update(correct.float())
+        self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith("robust_acc"),
+                 batch_size=correct.shape[0])
+
+    # --- optimisation ----------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        params = self.model.parameters()
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is not None:
+            scheduler, interval = self.lr_scheduler_factory(optimizer), self.lr_scheduler_interval
+        else:
+            total = self.trainer.estimated_stepping_batches
+            milestones = [int(total * 0.5), int(total * 0.75)]
+            scheduler, interval = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1), "step"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def _named(value: int, name: str) -> int:
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
