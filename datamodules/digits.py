@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Optional
 
-import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lit_robust.datamodules.base import SplitDataModule
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """1,797 grey-scale 8x8 digits (UCI optdigits test set, shipped with scikit-learn), 10 classes.
 
     Yields ``[B, 1, 8, 8]`` float tensors in [0, 1] (raw values 0..16 divided by 16) and
     int64 labels. The train / val / test split is a seeded permutation, identical on every
     rank and every run with the same ``seed``; the validation split is held out from
-    training for model selection (never select on the test split). ``eval_batch_size``
-    sets the validation and test batches (large batches make AutoAttack much faster).
+    training for model selection (never select on the test split).
     """
 
     num_classes = 10
@@ -31,17 +31,12 @@ class DigitsDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"val_fraction and test_fraction must be in (0, 1) with a sum < 1, got {val_fraction}, {test_fraction}"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1 or None (same as batch_size), got {eval_batch_size}")
         self.save_hyperparameters()
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
@@ -56,17 +51,3 @@ class DigitsDataModule(L.LightningDataModule):
         n_val = round(len(y) * self.hparams.val_fraction)
         parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
         self.splits = {name: TensorDataset(x[idx], y[idx]) for name, idx in parts.items()}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        batch_size = self.hparams.batch_size if shuffle else self.hparams.eval_batch_size or self.hparams.batch_size
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -2,7 +2,9 @@
 
 A ``LightningCLI`` over every ``AdversarialModule`` and every ``LightningDataModule``
 (choose them by ``class_path`` in the config), plus one option of ours: ``--test_after_fit``
-runs ``trainer.test`` on the trained weights right after ``fit`` and prints a summary.
+runs ``trainer.test`` right after ``fit`` and prints a summary line. It tests the best
+checkpoint when a ``ModelCheckpoint`` monitors a validation metric (selection on the
+held-out validation split, as Rice et al. recommend), else the final weights.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ class RobustCLI(LightningCLI):
                             help="test the final weights on the test split after fit")
 
     def after_fit(self) -> None:
-        if self.config[self.subcommand].test_after_fit:
-            self.trainer.test(self.model, datamodule=self.datamodule)
-            print_summary(self.trainer)
+        if not self.config[self.subcommand].test_after_fit:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        selected = checkpoint is not None and checkpoint.monitor is not None and checkpoint.best_model_path
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if selected else None)
+        print_summary(self.trainer)
 
     def after_test(self) -> None:
         print_summary(self.trainer)

@@ -64,7 +64,9 @@ class Attack:
     """An inner maximizer. Holds no model and no parameters: ``attack(model, x, y) -> x_adv``.
 
     The same object therefore serves the live model, an EMA copy, each DDP rank or a
-    user's own module. ``run`` returns the richer :class:`AttackResult`.
+    user's own module. ``run`` returns the richer :class:`AttackResult`. Attacks enable
+    gradients themselves (they work under ``torch.no_grad``), but not inside
+    ``torch.inference_mode``, whose tensors cannot join a graph: clone out of it first.
     """
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -143,12 +145,12 @@ class PGD(Attack):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.restarts > 1 or self.track_fosc:
             return self.run(model, x, y).x_adv
-        with module_mode(model, self.bn_mode):
+        with module_mode(model, self.bn_mode), torch.enable_grad():
             return self._ascend(model, x.detach(), y)[0]
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         best = None
-        with module_mode(model, self.bn_mode):
+        with module_mode(model, self.bn_mode), torch.enable_grad():
             for _ in range(self.restarts):
                 result = self._single_run(model, x, y)
                 if best is None:

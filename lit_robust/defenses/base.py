@@ -1,6 +1,8 @@
 """``AdversarialModule``: what every defense shares, so a defense file only holds its algorithm.
 
-Owns: optimizer and scheduler wiring, clean / robust metrics (torchmetrics, exact under DDP),
+Owns: optimizer and scheduler wiring, clean / robust metrics (torchmetrics, synced across DDP
+ranks; exact when the split divides evenly among ranks, since Lightning's DistributedSampler
+otherwise repeats a few examples: take final numbers on one device),
 robust validation and test with gradients enabled (also under ``trainer.validate`` /
 ``trainer.test``, which run in inference mode), the [0, 1] input check, a non-finite loss
 guard, and the logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
@@ -156,19 +158,20 @@ class AdversarialModule(L.LightningModule):
             check_pixel_range(x)
         # validate/test run under inference mode by default; attacks need gradients, and
         # cross_entropy saves its target for backward, so both x and y are cloned out of it.
+        # Metrics are updated outside that block: their states may be inference tensors.
+        correct = {}
         with torch.inference_mode(False), torch.enable_grad():
             x, y = x.clone(), y.clone()
             with torch.no_grad():
-                clean_logits = self.model(x)
-            robust = attack.run(self.model, x, y).predictions == y
-            self._log_accuracy(f"{stage}/clean_acc", clean_logits, y)
-            self._log_correct(f"{stage}/robust_acc", robust)
+                correct[f"{stage}/clean_acc"] = self.model(x).argmax(1) == y
+            correct[f"{stage}/robust_acc"] = attack.run(self.model, x, y).predictions == y
             if stage == "test" and self.test_autoattack:
                 x_aa = autoattack(self.model, x, y, self.eps, self.norm, self.autoattack_version)
                 with torch.no_grad():
-                    aa_robust = self.model(x_aa.to(x.dtype)).argmax(1) == y
-                self._log_correct("test/autoattack_acc", aa_robust)
-                self._log_correct("test/worst_case_acc", aa_robust & robust)
+                    correct["test/autoattack_acc"] = self.model(x_aa).argmax(1) == y
+                correct["test/worst_case_acc"] = correct["test/autoattack_acc"] & correct["test/robust_acc"]
+        for name, value in correct.items():
+            self._log_correct(name, value)
 
     def _log_accuracy(self, name: str, logits: Tensor, y: Tensor) -> None:
         self._log_correct(name, logits.detach().argmax(1) == y)

@@ -1,0 +1,137 @@
+"""CIFAR10DataModule on small files written in CIFAR-10's real on-disk format (python pickles + tar.gz)."""
+
+import hashlib
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision import datasets
+
+from lit_robust.cli import main
+from lit_robust.datamodules import CIFAR10DataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_BATCH, N_TEST = 40, 50
+
+
+def _md5(path):
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def _write_fake_cifar(folder: Path):
+    """Five training pickles, one test pickle and batches.meta, as the original archive holds them."""
+    rng = np.random.RandomState(0)
+    folder.mkdir(parents=True)
+    raw = {}
+    for name, n in [*((f"data_batch_{i}", PER_BATCH) for i in range(1, 6)), ("test_batch", N_TEST)]:
+        entry = {"batch_label": name, "data": rng.randint(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": rng.randint(0, 10, n).tolist(), "filenames": [f"{name}_{i}.png" for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(entry))
+        raw[name] = entry
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    return raw
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    """Fake files in data_dir, and torchvision's checksums pointed at them (the real ones cannot match)."""
+    folder = tmp_path / "data" / datasets.CIFAR10.base_folder
+    raw = _write_fake_cifar(folder)
+    cls = datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / "batches.meta")})
+    return tmp_path / "data", raw
+
+
+def test_splits_follow_rice_validation_split_and_raw_pixels(fake_cifar):
+    data_dir, raw = fake_cifar
+    dm = CIFAR10DataModule(str(data_dir), batch_size=8, val_size=20, num_workers=0)
+    dm.prepare_data()
+    dm.setup()
+    n_train = 5 * PER_BATCH
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": n_train - 20, "val": 20, "test": N_TEST}
+    train_pixels = np.concatenate([raw[f"data_batch_{i}"]["data"] for i in range(1, 6)])
+    train_labels = sum((raw[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+    val_idx = np.random.RandomState(0).permutation(n_train)[:20]  # generate_validation.py's recipe
+    x, y = dm.splits["val"][3]
+    assert torch.allclose(x, torch.tensor(train_pixels[val_idx[3]].reshape(3, 32, 32) / 255.0, dtype=torch.float32))
+    assert y == train_labels[val_idx[3]]
+    assert set(dm.splits["train"].indices).isdisjoint(val_idx.tolist())
+    xt, yt = dm.splits["test"][0]
+    assert torch.allclose(xt, torch.tensor(raw["test_batch"]["data"][0].reshape(3, 32, 32) / 255.0, dtype=torch.float32))
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (8, 3, 32, 32) and xb.min() >= 0 and xb.max() <= 1 and yb.dtype == torch.long
+
+
+def test_training_augmentation_is_reflect_pad_crop_and_flip(fake_cifar):
+    data_dir, _ = fake_cifar
+    dm = CIFAR10DataModule(str(data_dir), val_size=20, num_workers=0)
+    dm.setup()
+    index = dm.splits["train"].indices[0]
+    plain = dm.splits["val"].dataset[index][0]
+    torch.manual_seed(0)
+    views = [dm.splits["train"][0][0] for _ in range(16)]
+    assert any(not torch.equal(v, plain) for v in views)
+    padded = torch.nn.functional.pad(plain[None], (4, 4, 4, 4), mode="reflect")[0]
+    for v in views:  # every view is a 32x32 window of the reflect-padded image, possibly mirrored
+        windows = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+        assert any(torch.allclose(v, w) or torch.allclose(v, w.flip(-1)) for w in windows)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_bad_files_are_named_with_their_checksum(fake_cifar, damage):
+    data_dir, _ = fake_cifar
+    path = data_dir / datasets.CIFAR10.base_folder / "data_batch_3"
+    expected_md5 = dict(datasets.CIFAR10.train_list)["data_batch_3"]
+    if damage == "corrupt":
+        path.write_bytes(path.read_bytes()[:-10])
+    else:
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"data_batch_3 is {damage} \(expected MD5 {expected_md5}\)"):
+        CIFAR10DataModule(str(data_dir)).prepare_data()
+
+
+def test_download_goes_through_torchvision_archive_check(tmp_path, monkeypatch):
+    """download=True fetches the archive, verifies its MD5, extracts it; here the 'server' is a local file."""
+    source = tmp_path / "source"
+    _write_fake_cifar(source / datasets.CIFAR10.base_folder)
+    archive = tmp_path / datasets.CIFAR10.filename
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / datasets.CIFAR10.base_folder, arcname=datasets.CIFAR10.base_folder)
+    folder = source / datasets.CIFAR10.base_folder
+    cls = datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / "batches.meta")})
+    monkeypatch.setattr(cls, "tgz_md5", _md5(archive))
+    fetched = []
+
+    def fake_urlretrieve(url, filename, *args, **kwargs):
+        fetched.append(url)
+        Path(filename).write_bytes(archive.read_bytes())
+
+    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", lambda url, max_hops: url)
+    monkeypatch.setattr("torchvision.datasets.utils._urlretrieve", fake_urlretrieve)
+    dm = CIFAR10DataModule(str(tmp_path / "data"), download=True, val_size=20, num_workers=0)
+    dm.prepare_data()
+    dm.setup()
+    assert fetched == [cls.url]  # downloaded once; the second split found the files in place
+    assert len(dm.splits["test"]) == N_TEST
+
+
+def test_cifar10_recipe_config_runs_end_to_end(fake_cifar, tmp_path, capsys):
+    data_dir, _ = fake_cifar
+    main(["fit", "--config", str(ROOT / "configs/cifar10/pgd_at.yaml"), f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.precision=32", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+          "--trainer.limit_test_batches=1", f"--data.init_args.data_dir={data_dir}", "--data.init_args.batch_size=4",
+          "--data.init_args.eval_batch_size=4", "--data.init_args.val_size=20", "--data.init_args.num_workers=0",
+          "--model.init_args.steps=1", "--model.init_args.val_attack_steps=1", "--model.init_args.test_attack_steps=1",
+          "--model.init_args.test_autoattack=false"])
+    out = capsys.readouterr().out
+    assert "lit_robust summary: test/clean_acc=" in out
+    checkpoints = list(tmp_path.rglob("epoch*-robust*.ckpt"))
+    assert checkpoints, "the ModelCheckpoint monitoring val/robust_acc should have saved a best checkpoint"

@@ -1,0 +1,200 @@
+"""PGDAT and the AdversarialModule plumbing inside a real Trainer (CPU, tiny model, digits)."""
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_robust.datamodules import DigitsDataModule
+from lit_robust.defenses import PGDAT, TrainingOutput
+from lit_robust.models import SmallCNN
+
+
+def _trainer(tmp_path, **kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _pgdat(**kwargs):
+    return PGDAT(SmallCNN(width=4), **{"eps": 0.2, "steps": 2, "step_size": 0.1, "val_attack_steps": 2,
+                                       "test_attack_steps": 2, **kwargs})
+
+
+@pytest.fixture
+def digits():
+    dm = DigitsDataModule(batch_size=32, eval_batch_size=64)
+    dm.setup()
+    return dm
+
+
+class _RecordInferenceMode(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_validation_batch_start(self, *args):
+        self.seen.append(torch.is_inference_mode_enabled())
+
+    on_test_batch_start = on_validation_batch_start
+
+
+def test_fast_dev_run_fit_validate_test_in_inference_mode(tmp_path, digits):
+    model, recorder = _pgdat(), _RecordInferenceMode()
+    trainer = _trainer(tmp_path, fast_dev_run=2, callbacks=[recorder])
+    trainer.fit(model, digits)
+    assert {"train/loss", "train/adv_acc", "val/clean_acc", "val/robust_acc"} <= set(trainer.callback_metrics)
+    recorder.seen.clear()
+    val = trainer.validate(model, digits, verbose=False)[0]
+    test = trainer.test(model, digits, verbose=False)[0]
+    assert set(val) == {"val/clean_acc", "val/robust_acc"}
+    assert set(test) == {"test/clean_acc", "test/robust_acc"}
+    assert recorder.seen and all(recorder.seen)  # the attacks above really ran under inference mode
+    for value in (*val.values(), *test.values()):
+        assert 0.0 <= value <= 1.0
+
+
+def test_logged_robust_accuracy_is_the_exact_dataset_accuracy(tmp_path, digits):
+    """Epoch-level metric over uneven batches equals the per-example accuracy on the whole split."""
+    model = _pgdat(val_attack_steps=3).eval()
+    digits.eval_batch_size = 50  # 180 validation images: batches of 50, 50, 50, 30
+    x, y = digits.splits["val"].tensors
+    torch.manual_seed(11)
+    expected = torch.cat([model.val_attack.run(model.model, xb, yb).predictions == yb
+                          for xb, yb in zip(x.split(50), y.split(50))]).float().mean()
+    torch.manual_seed(11)
+    logged = _trainer(tmp_path).validate(model, digits, verbose=False)[0]["val/robust_acc"]
+    assert logged == pytest.approx(expected.item(), abs=1e-6)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    assert _trainer(tmp_path).validate(model, digits, verbose=False)[0]["val/clean_acc"] == pytest.approx(clean)
+
+
+def test_training_attack_leaves_no_parameter_gradients(digits):
+    model = _pgdat(steps=3)
+    x, y = next(iter(digits.train_dataloader()))
+    out = model.training_loss(x, y)
+    assert all(p.grad is None for p in model.parameters())
+    assert out.loss.requires_grad and out.adv_logits.shape == (len(y), 10)
+
+
+def test_training_loss_is_ce_on_an_in_ball_adversarial_batch(digits):
+    model = _pgdat(steps=3)
+    x, y = next(iter(digits.train_dataloader()))
+    seen = []
+    model.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    out = model.training_loss(x, y)
+    x_adv = seen[-1]  # the outer forward's input
+    assert (x_adv - x).abs().max() <= 0.2 + 1e-6 and (x_adv - x).abs().max() > 0
+    assert out.loss.item() == pytest.approx(F.cross_entropy(out.adv_logits, y).item(), rel=1e-6)
+
+
+def test_checkpoint_round_trip(tmp_path, digits):
+    model = _pgdat(restarts=2, eps=0.15)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = _trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[ckpt],
+                       limit_val_batches=1)
+    trainer.fit(model, digits)
+    restored = PGDAT.load_from_checkpoint(ckpt.last_model_path, model=SmallCNN(width=4))
+    assert restored.hparams.restarts == 2 and restored.eps == pytest.approx(0.15)
+    assert restored.attack.restarts == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    # training resumes from the checkpoint (optimizer and loop state included)
+    resumed = _trainer(tmp_path, max_steps=5, limit_val_batches=1)
+    resumed.fit(_pgdat(restarts=2, eps=0.15), digits, ckpt_path=ckpt.last_model_path)
+    assert resumed.global_step == 5
+
+
+def test_default_schedule_is_rice_piecewise(tmp_path, digits):
+    """lr 0.1, then x0.1 at 50% and x0.01 at 75% of the training steps (Rice et al.: 100/150 of 200 epochs)."""
+    seen = []
+
+    class RecordLR(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _trainer(tmp_path, max_epochs=4, limit_train_batches=5, limit_val_batches=0, callbacks=[RecordLR()]).fit(
+        _pgdat(steps=1), digits)
+    assert seen == pytest.approx([0.1] * 10 + [0.01] * 5 + [0.001] * 5)
+
+
+def test_default_optimizer_is_the_paper_sgd(tmp_path, digits):
+    model = _pgdat()
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, digits)
+    group = trainer.optimizers[0].param_groups[0]
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD)
+    assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.9, 5e-4, 0.1)
+
+
+def test_custom_optimizer_and_scheduler_callables(tmp_path, digits):
+    model = _pgdat(optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+                   lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+                   lr_scheduler_interval="step")
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(model, digits)
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+
+
+def _shifted_loader(low, high):
+    x = torch.rand(16, 1, 8, 8) * (high - low) + low
+    return DataLoader(TensorDataset(x, torch.randint(0, 10, (16,))), batch_size=8)
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate", "test"])
+def test_inputs_outside_unit_box_are_rejected(tmp_path, stage):
+    model, loader = _pgdat(), _shifted_loader(-1.0, 1.0)
+    trainer = _trainer(tmp_path, max_steps=1, **({"limit_val_batches": 0} if stage == "fit" else {}))
+    run = {"fit": lambda: trainer.fit(model, loader), "validate": lambda: trainer.validate(model, loader),
+           "test": lambda: trainer.test(model, loader)}[stage]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        run()
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"eps": 0.0}, "eps"), ({"eps": -0.1}, "eps"), ({"steps": 0}, "steps"), ({"step_size": 0.0}, "step_size"),
+    ({"norm": "l1"}, "norm"), ({"attack_bn_mode": "frozen"}, "attack_bn_mode"), ({"restarts": 0}, "restarts"),
+    ({"val_attack_steps": 0}, "val_attack_steps"), ({"test_attack_steps": 0}, "test_attack_steps"),
+    ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval"),
+])
+def test_invalid_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        _pgdat(**kwargs)
+
+
+def test_attack_bn_mode_reaches_the_training_attack():
+    assert _pgdat(attack_bn_mode="train").attack.bn_mode == "train"
+    assert _pgdat().attack.bn_mode == "eval"
+    assert _pgdat().val_attack.bn_mode == "eval" and _pgdat().test_attack.steps == 2
+
+
+class _NanAfter(PGDAT):
+    """PGDAT whose loss turns NaN from global step 3 on."""
+
+    def training_loss(self, x, y):
+        out = super().training_loss(x, y)
+        return TrainingOutput(out.loss * (float("nan") if self.global_step >= 3 else 1.0), out.adv_logits)
+
+
+@pytest.mark.parametrize("log_every", [1, 50])
+def test_nonfinite_loss_stops_training_naming_the_first_step(tmp_path, digits, log_every):
+    model = _NanAfter(SmallCNN(width=4), eps=0.2, steps=1, step_size=0.2)
+    trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=6, limit_val_batches=0,
+                       log_every_n_steps=log_every)
+    with pytest.raises(FloatingPointError, match="global step 3"):
+        trainer.fit(model, digits)
+    # detected at once when checked every step, otherwise by the end of the epoch at the latest
+    assert trainer.global_step <= (4 if log_every == 1 else 6)
+
+
+def test_seeded_runs_are_deterministic(tmp_path, digits):
+    def run():
+        L.seed_everything(123)
+        model = _pgdat()
+        _trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(model, digits)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(), run())
