@@ -55,6 +55,24 @@ def test_fast_dev_run_fit_validate_test_in_inference_mode(tmp_path, digits):
         assert 0.0 <= value <= 1.0
 
 
+def test_bf16_mixed_training_keeps_the_threat_model(tmp_path, digits):
+    """Under autocast the attack's gradients come from bf16 activations; every input it feeds stays in the ball."""
+    model, clean, fed = _pgdat(steps=3), [], []
+
+    class RecordBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clean.append(batch[0].clone())
+
+    model.model.register_forward_pre_hook(lambda m, args: fed.append((len(clean) - 1, args[0].detach().float())))
+    _trainer(tmp_path, max_steps=3, limit_val_batches=0, precision="bf16-mixed", callbacks=[RecordBatch()]).fit(
+        model, digits)
+    assert len(fed) == 3 * 4  # 3 attack steps + 1 outer forward per batch
+    for step, x_in in fed:
+        assert (x_in - clean[step]).abs().max() <= 0.2 + 1e-6 and x_in.min() >= 0 and x_in.max() <= 1
+    assert any((x_in - clean[step]).abs().max() > 0.1 for step, x_in in fed)
+    assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+
+
 def test_logged_robust_accuracy_is_the_exact_dataset_accuracy(tmp_path, digits):
     """Epoch-level metric over uneven batches equals the per-example accuracy on the whole split."""
     model = _pgdat(val_attack_steps=3).eval()

@@ -4,8 +4,9 @@ Owns: optimizer and scheduler wiring, clean / robust metrics (torchmetrics, sync
 ranks; exact when the split divides evenly among ranks, since Lightning's DistributedSampler
 otherwise repeats a few examples: take final numbers on one device),
 robust validation and test with gradients enabled (also under ``trainer.validate`` /
-``trainer.test``, which run in inference mode), the [0, 1] input check, a non-finite loss
-guard, and the logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
+``trainer.test``, which run in inference mode), the [0, 1] input check (first batch of every
+epoch and stage: one host sync per epoch, none per step), a non-finite loss guard, and the
+logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
 ``val/robust_acc``, ``test/clean_acc``, ``test/robust_acc`` (+ ``test/autoattack_acc`` and
 ``test/worst_case_acc`` when AutoAttack runs at test time).
 """
@@ -44,7 +45,7 @@ def check_pixel_range(x: Tensor) -> None:
     lo, hi = torch.aminmax(x.detach())
     if lo < 0 or hi > 1:
         raise ValueError(
-            f"inputs must be images in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]; "
+            f"inputs must be images in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]; "
             "normalise inside the model (lit_robust.models.Normalize), not in the data pipeline"
         )
 
