@@ -108,6 +108,15 @@ def test_training_loss_is_ce_on_an_in_ball_adversarial_batch(digits):
     assert out.loss.item() == pytest.approx(F.cross_entropy(out.adv_logits, y).item(), rel=1e-6)
 
 
+def test_label_smoothing_reaches_the_outer_loss(digits):
+    model = _pgdat(label_smoothing=0.2)
+    x, y = next(iter(digits.train_dataloader()))
+    out = model.training_loss(x, y)
+    expected = F.cross_entropy(out.adv_logits, y, label_smoothing=0.2)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.loss.item() != pytest.approx(F.cross_entropy(out.adv_logits, y).item(), rel=1e-3)
+
+
 def test_checkpoint_round_trip(tmp_path, digits):
     model = _pgdat(restarts=2, eps=0.15)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -176,7 +185,7 @@ def test_inputs_outside_unit_box_are_rejected(tmp_path, stage):
     ({"eps": 0.0}, "eps"), ({"eps": -0.1}, "eps"), ({"steps": 0}, "steps"), ({"step_size": 0.0}, "step_size"),
     ({"norm": "l1"}, "norm"), ({"attack_bn_mode": "frozen"}, "attack_bn_mode"), ({"restarts": 0}, "restarts"),
     ({"val_attack_steps": 0}, "val_attack_steps"), ({"test_attack_steps": 0}, "test_attack_steps"),
-    ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval"),
+    ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval"), ({"label_smoothing": 1.0}, "label_smoothing"),
 ])
 def test_invalid_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -51,7 +52,14 @@ def check_pixel_range(x: Tensor) -> None:
 
 
 class AdversarialModule(L.LightningModule):
-    """Base class of every defense. Subclasses build ``self.attack`` and implement ``training_loss``.
+    """Base class of every defense.
+
+    A defense implements the two halves of its algorithm box: ``perturb(x, y) -> x_adv``
+    (the inner maximization; by default ``self.attack(self.model, x, y)``) and
+    ``outer_loss(x, x_adv, y) -> TrainingOutput`` (what the weights minimise). Keeping them
+    apart lets the base add adversarial weight perturbation (``awp_gamma``) to any defense.
+    Defenses with several optimizer steps per batch (manual optimization) override
+    ``training_step`` instead and call ``watch_loss``.
 
     Args:
         model: maps [0, 1] images to logits (normalisation inside it).
@@ -67,6 +75,8 @@ class AdversarialModule(L.LightningModule):
             ``2.5 * eps / steps``, random start, CE, eval mode).
         test_autoattack: also run the reference AutoAttack in ``test`` (slow; RobustBench's protocol).
         autoattack_version: ``"standard"`` for deterministic models, ``"rand"`` for randomised ones.
+        label_smoothing: torch's convention (target ``1 - s + s/C`` on the true class, ``s/C``
+            elsewhere) for the outer cross-entropy of defenses that use ``self.cross_entropy``.
     """
 
     def __init__(
@@ -84,10 +94,13 @@ class AdversarialModule(L.LightningModule):
         test_attack_steps: int = 20,
         test_autoattack: bool = False,
         autoattack_version: Literal["standard", "plus", "rand"] = "standard",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if attack_bn_mode not in BN_MODES:
             raise ValueError(f"attack_bn_mode must be one of {BN_MODES}, got {attack_bn_mode!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
@@ -96,6 +109,7 @@ class AdversarialModule(L.LightningModule):
         self.steps, self.step_size = steps, step_size
         self.attack_bn_mode = attack_bn_mode
         self.test_autoattack, self.autoattack_version = test_autoattack, autoattack_version
+        self.label_smoothing = label_smoothing
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         # PGD validates eps, steps and step sizes with messages naming each argument.
@@ -110,9 +124,21 @@ class AdversarialModule(L.LightningModule):
 
     # --- what a defense implements -------------------------------------------------------
 
-    def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
-        """The inner maximization and the outer loss for one batch."""
+    def perturb(self, x: Tensor, y: Tensor) -> Tensor:
+        """The inner maximization: an adversarial batch for the current weights."""
+        return self.attack(self.model, x, y)
+
+    def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
+        """The loss the weights minimise, given the clean and the adversarial batch."""
         raise NotImplementedError
+
+    def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy with this defense's ``label_smoothing``."""
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+    def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
+        """One batch of the min-max problem: inner maximization, then the outer loss."""
+        return self.outer_loss(x, self.perturb(x, y), y)
 
     # --- training --------------------------------------------------------------------------
 

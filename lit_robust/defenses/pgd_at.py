@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_robust.attacks import PGD
@@ -44,7 +43,6 @@ class PGDAT(AdversarialModule):
         self.attack = PGD(self.eps, self.steps, self.step_size, self.norm, random_start=True,
                           restarts=restarts, bn_mode=self.attack_bn_mode)
 
-    def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
-        x_adv = self.attack(self.model, x, y)
+    def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
         logits = self.model(x_adv)
-        return TrainingOutput(F.cross_entropy(logits, y), logits)
+        return TrainingOutput(self.cross_entropy(logits, y), logits)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
@@ -16,6 +15,9 @@ class StandardTraining(AdversarialModule):
     defense's. Cost: 1 forward+backward per step.
     """
 
-    def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
+    def perturb(self, x: Tensor, y: Tensor) -> Tensor:
+        return x
+
+    def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
         logits = self.model(x)
-        return TrainingOutput(F.cross_entropy(logits, y), clean_logits=logits)
+        return TrainingOutput(self.cross_entropy(logits, y), clean_logits=logits)
