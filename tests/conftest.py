@@ -25,3 +25,14 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.rand(12, 1, 8, 8, generator=g)
     y = torch.randint(0, 10, (12,), generator=g)
     return x, y
+
+
+@pytest.fixture(scope="session")
+def standard_digits_accuracy() -> dict:
+    """Clean / PGD-20 accuracy of a standard-trained SmallCNN(width=16) on the digits test split."""
+    from digits_bench import EPS, digits_accuracy, fit_on_digits, sgd
+
+    from lit_robust.defenses import StandardTraining
+
+    module = fit_on_digits(StandardTraining(SmallCNN(width=16), eps=EPS, optimizer=sgd()))
+    return digits_accuracy(module.model)

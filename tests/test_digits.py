@@ -1,12 +1,11 @@
 """The offline digits DataModule, and the one real-data behavioural test: PGD-AT beats standard training under attack."""
 
-import lightning.pytorch as L
 import pytest
 import torch
+from digits_bench import EPS, digits_accuracy, fit_on_digits, sgd
 
-from lit_robust.attacks import PGD
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.defenses import PGDAT, StandardTraining
+from lit_robust.defenses import PGDAT
 from lit_robust.models import SmallCNN
 
 
@@ -42,28 +41,9 @@ def test_bad_arguments(kwargs, name):
         DigitsDataModule(**kwargs)
 
 
-def _fit(module_cls, dm, **kwargs):
-    L.seed_everything(0)
-    module = module_cls(SmallCNN(width=16), eps=0.2, val_attack_steps=5,
-                        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4), **kwargs)
-    L.Trainer(accelerator="cpu", max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0).fit(module, dm)
-    return module.model.eval()
-
-
-def test_pgd_at_beats_standard_training_under_pgd():
-    dm = DigitsDataModule(batch_size=64)
-    dm.setup()
-    x, y = dm.splits["test"].tensors
-    standard = _fit(StandardTraining, dm)
-    robust = _fit(PGDAT, dm, steps=5, step_size=0.08)
-    attack = PGD(0.2, steps=20, restarts=2)
-    acc = {}
-    for name, model in (("standard", standard), ("pgdat", robust)):
-        with torch.no_grad():
-            acc[name, "clean"] = (model(x).argmax(1) == y).float().mean().item()
-        acc[name, "pgd"] = (attack.run(model, x, y).predictions == y).float().mean().item()
-    print(acc)
-    assert acc["standard", "clean"] > 0.9 and acc["pgdat", "clean"] > 0.85
-    assert acc["standard", "pgd"] < 0.1
-    assert acc["pgdat", "pgd"] > acc["standard", "pgd"] + 0.35
+def test_pgd_at_beats_standard_training_under_pgd(standard_digits_accuracy):
+    robust = fit_on_digits(PGDAT(SmallCNN(width=16), eps=EPS, steps=5, step_size=0.08, optimizer=sgd()))
+    acc = digits_accuracy(robust.model)
+    assert standard_digits_accuracy["clean"] > 0.9 and acc["clean"] > 0.85
+    assert standard_digits_accuracy["pgd"] < 0.1
+    assert acc["pgd"] > standard_digits_accuracy["pgd"] + 0.35

@@ -65,10 +65,12 @@ class AdversarialModule(L.LightningModule):
         model: maps [0, 1] images to logits (normalisation inside it).
         eps, norm: the threat model, in [0, 1] pixel units.
         steps, step_size: the training attack's iterations and step.
-        optimizer: ``params -> Optimizer``; default SGD(lr=0.1, momentum=0.9, weight_decay=5e-4).
+        optimizer: ``params -> Optimizer``; default ``default_optimizer`` (the paper's; in the
+            base SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)).
         lr_scheduler: ``optimizer -> LRScheduler`` stepped every ``lr_scheduler_interval``;
-            default: x0.1 at 50% and 75% of the training steps (Rice et al.'s 100/150 of 200
-            epochs), computed from ``trainer.estimated_stepping_batches``.
+            default ``default_lr_scheduler`` (the paper's; in the base x0.1 at 50% and 75% of
+            the training steps, Rice et al.'s 100/150 of 200 epochs, computed from
+            ``trainer.estimated_stepping_batches``).
         attack_bn_mode: module mode during the training attack, ``"eval"`` (running BN
             statistics, untouched) or ``"train"`` (batch statistics, as Madry/Rice did).
         val_attack_steps, test_attack_steps: PGD iterations of the evaluation attacks (step
@@ -213,17 +215,22 @@ class AdversarialModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = self.model.parameters()
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        optimizer = self.default_optimizer(params) if self.optimizer_factory is None else self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            scheduler, interval = self.default_lr_scheduler(optimizer)
         else:
-            optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is not None:
             scheduler, interval = self.lr_scheduler_factory(optimizer), self.lr_scheduler_interval
-        else:
-            total = self.trainer.estimated_stepping_batches
-            milestones = [int(total * 0.5), int(total * 0.75)]
-            scheduler, interval = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1), "step"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The paper's optimizer when none is given; here SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)."""
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> tuple[Any, str]:
+        """The paper's schedule and its interval; here x0.1 at 50% and 75% of the training steps."""
+        total = self.trainer.estimated_stepping_batches
+        milestones = [int(total * 0.5), int(total * 0.75)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1), "step"
 
 
 def _named(value: int, name: str) -> int:
