@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from lit_robust.attacks import PGD
 from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import BN_MODES
+from lit_robust.defenses.awp import WeightPerturbation
 from lit_robust.evaluation.autoattack import autoattack
 
 _METRICS = ("train/adv_acc", "train/clean_acc", "val/clean_acc", "val/robust_acc", "test/clean_acc",
@@ -79,6 +80,10 @@ class AdversarialModule(L.LightningModule):
         autoattack_version: ``"standard"`` for deterministic models, ``"rand"`` for randomised ones.
         label_smoothing: torch's convention (target ``1 - s + s/C`` on the true class, ``s/C``
             elsewhere) for the outer cross-entropy of defenses that use ``self.cross_entropy``.
+        awp_gamma: adversarial weight perturbation (Wu et al. 2020, see ``defenses/awp.py``)
+            of relative size gamma before the outer loss; 0 disables it. The paper uses 0.01
+            with PGD-AT and 0.005 with TRADES. Needs automatic optimization.
+        awp_warmup_epochs: epochs trained without AWP first (TRADES-AWP: 9, i.e. from the 10th).
     """
 
     def __init__(
@@ -97,12 +102,16 @@ class AdversarialModule(L.LightningModule):
         test_autoattack: bool = False,
         autoattack_version: Literal["standard", "plus", "rand"] = "standard",
         label_smoothing: float = 0.0,
+        awp_gamma: float = 0.0,
+        awp_warmup_epochs: int = 0,
     ) -> None:
         super().__init__()
         if attack_bn_mode not in BN_MODES:
             raise ValueError(f"attack_bn_mode must be one of {BN_MODES}, got {attack_bn_mode!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if awp_gamma < 0 or awp_warmup_epochs < 0:
+            raise ValueError(f"awp_gamma and awp_warmup_epochs must be >= 0, got {awp_gamma}, {awp_warmup_epochs}")
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
@@ -112,6 +121,8 @@ class AdversarialModule(L.LightningModule):
         self.attack_bn_mode = attack_bn_mode
         self.test_autoattack, self.autoattack_version = test_autoattack, autoattack_version
         self.label_smoothing = label_smoothing
+        self.awp = WeightPerturbation(awp_gamma) if awp_gamma > 0 else None
+        self.awp_warmup_epochs = awp_warmup_epochs
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         # PGD validates eps, steps and step sizes with messages naming each argument.
@@ -139,8 +150,19 @@ class AdversarialModule(L.LightningModule):
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
-        """One batch of the min-max problem: inner maximization, then the outer loss."""
-        return self.outer_loss(x, self.perturb(x, y), y)
+        """One batch of the min-max problem: inner maximization, [AWP,] then the outer loss."""
+        x_adv = self.perturb(x, y)
+        if self.awp is not None and self.current_epoch >= self.awp_warmup_epochs:
+            self.awp.apply(self.model, lambda: self.outer_loss(x, x_adv, y).loss)
+        return self.outer_loss(x, x_adv, y)
+
+    def on_after_backward(self) -> None:
+        if self.awp is not None:
+            self.awp.restore()  # the optimizer steps from w with the gradient taken at w + v
+
+    def on_fit_start(self) -> None:
+        if self.awp is not None and not self.automatic_optimization:
+            raise ValueError(f"awp_gamma needs automatic optimization; {type(self).__name__} uses manual optimization")
 
     # --- training --------------------------------------------------------------------------
 
