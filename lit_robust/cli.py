@@ -45,13 +45,15 @@ def print_summary(trainer: L.Trainer) -> None:
         print("lit_robust summary: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(found.items())))
 
 
-def main(args: Optional[list[str]] = None) -> RobustCLI:
+def main(args: Optional[list[str]] = None, run: bool = True) -> RobustCLI:
+    """Runs the CLI; ``run=False`` only parses ``args`` and instantiates the trainer, model and data."""
     return RobustCLI(
         AdversarialModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
     )
 
