@@ -18,20 +18,30 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "helpers" / "ddp_fit.py"
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def _run(out, *extra):
     env = dict(os.environ)
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(var, None)  # let Lightning pick a free port and launch rank 1 itself
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT.relative_to(REPO)), str(out)],
+        [sys.executable, str(SCRIPT.relative_to(REPO)), str(out), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"DDP run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     params = [torch.load(out / f"rank{r}_params.pt") for r in (0, 1)]
     return ranks, params
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_with_awp_and_accumulation_keeps_ranks_identical(tmp_path):
+    """Each rank perturbs weights with its own batch's gradient; the synced update keeps replicas equal."""
+    ranks, params = _run(tmp_path, "awp")
+    assert all(r["max_param_change"] > 1e-3 for r in ranks), ranks
+    assert torch.isfinite(params[0]).all() and torch.equal(params[0], params[1])
 
 
 def test_ddp_logged_robust_acc_is_global_and_weights_agree(ddp_run):

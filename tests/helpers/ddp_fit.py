@@ -1,6 +1,7 @@
 """Two-process CPU DDP run of PGDAT, driven by tests/test_ddp.py.
 
-Usage: ``python tests/helpers/ddp_fit.py OUT_DIR``. Lightning's ``ddp`` strategy re-launches
+Usage: ``python tests/helpers/ddp_fit.py OUT_DIR [awp]``; with ``awp`` the run adds adversarial
+weight perturbation (gamma 0.01) and gradient accumulation over 2 batches. Lightning's ``ddp`` strategy re-launches
 this very script (same argv, rank in the environment) for rank 1, so it must run as a
 standalone program, never inside pytest.
 
@@ -64,10 +65,11 @@ class CountingPGDAT(PGDAT):
         super()._log_correct(name, correct)
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, awp: bool) -> None:
     torch.set_num_threads(1)  # two ranks on a small machine
     L.seed_everything(0, workers=True)
-    model = CountingPGDAT(SmallCNN(width=8), eps=0.2, steps=3, step_size=0.1, val_attack_steps=3)
+    model = CountingPGDAT(SmallCNN(width=8), eps=0.2, steps=3, step_size=0.1, val_attack_steps=3,
+                          awp_gamma=0.01 if awp else 0.0)
     data = HalfMislabelledDigits(batch_size=64, eval_batch_size=32)
     initial = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
     trainer = L.Trainer(
@@ -75,7 +77,8 @@ def main(out_dir: Path) -> None:
         strategy="ddp",
         devices=2,
         # 6 steps leave robust accuracy at eps=0.2 near 0 on both ranks (gap ~0.03); 60 give ~0.42 vs 0.
-        max_steps=60,
+        max_steps=30 if awp else 60,
+        accumulate_grad_batches=2 if awp else 1,
         limit_val_batches=2,
         num_sanity_val_steps=0,
         logger=False,
@@ -109,6 +112,6 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: ddp_fit.py OUT_DIR")
-    main(Path(sys.argv[1]).resolve())
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["awp"]):
+        sys.exit("usage: ddp_fit.py OUT_DIR [awp]")
+    main(Path(sys.argv[1]).resolve(), awp=sys.argv[2:] == ["awp"])
