@@ -216,3 +216,54 @@ def test_attack_holds_no_model_or_parameters(tiny_cnn, batch):
     attack = PGD(0.1, steps=2)
     assert not isinstance(attack, nn.Module)
     assert not any(isinstance(v, (nn.Module, torch.Tensor)) for v in vars(attack).values())
+
+
+def test_gaussian_start_is_small_unprojected_noise():
+    """TRADES / MART start: x + std * N(0, 1), not clipped to [0, 1] before the first step."""
+    x = torch.cat([torch.zeros(32, 1, 8, 8), torch.ones(32, 1, 8, 8)])
+    delta = AF.gaussian_start(x, 0.001)
+    assert delta.shape == x.shape
+    assert delta.std().item() == pytest.approx(0.001, rel=0.05) and delta.mean().abs() < 1e-4
+    assert (x + delta).min() < 0 and (x + delta).max() > 1  # no box projection
+    torch.manual_seed(4)
+    first = AF.gaussian_start(x, 0.001)
+    torch.manual_seed(4)
+    assert torch.equal(first, 0.001 * torch.randn(x.shape))  # the official draw: 0.001 * randn
+
+
+@pytest.mark.parametrize("norm,eps", NORM_CASES)
+def test_pgd_gaussian_start_feeds_the_first_step_then_projects(tiny_cnn, batch, norm, eps):
+    x, y = batch
+    x = x.clone()
+    x[:, :, 0] = 0.0  # pixels on the box's faces, where an unprojected start leaves [0, 1]
+    x[:, :, -1] = 1.0
+    seen = []
+    tiny_cnn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(9)
+    x_adv = PGD(eps, steps=3, norm=norm, start_std=0.001)(tiny_cnn, x, y)
+    torch.manual_seed(9)
+    assert torch.equal(seen[0], x + AF.gaussian_start(x, 0.001))
+    assert seen[0].min() < 0 and seen[0].max() > 1
+    for later in (*seen[1:], x_adv):  # every later iterate is projected onto the ball and the box
+        assert later.min() >= 0 and later.max() <= 1
+        assert (_dist(later, x, norm) <= eps * (1 + 1e-5)).all()
+    assert len(seen) == 3 and (_dist(x_adv, x, norm) > 0.5 * eps).any()
+
+
+def test_pgd_without_start_std_keeps_the_uniform_start(tiny_cnn, batch):
+    x, y = batch
+    seen = []
+    tiny_cnn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(9)
+    PGD(0.1, steps=1)(tiny_cnn, x, y)
+    torch.manual_seed(9)
+    assert torch.equal(seen[0], x + AF.random_start(x, 0.1, "linf"))
+    seen.clear()
+    PGD(0.1, steps=1, random_start=False, start_std=0.001)(tiny_cnn, x, y)
+    assert torch.equal(seen[0], x)  # start_std only matters with random_start
+
+
+@pytest.mark.parametrize("value", [0.0, -0.001])
+def test_bad_start_std_is_rejected_by_name(value):
+    with pytest.raises(ValueError, match="start_std"):
+        PGD(0.1, start_std=value)

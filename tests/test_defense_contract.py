@@ -12,7 +12,7 @@ from lit_robust.defenses import DEFENSES
 from lit_robust.models import SmallCNN
 
 EPS = 0.2
-CASES = [(name, {}) for name in DEFENSES] + [("PGDAT", {"awp_gamma": 0.01})]
+CASES = [(name, {}) for name in DEFENSES] + [(name, {"awp_gamma": 0.01}) for name in ("PGDAT", "TRADES", "MART")]
 IDS = [name + ("+awp" if kw else "") for name, kw in CASES]
 
 

@@ -1,11 +1,12 @@
 """Inner maximization: parameter-free attacks called as ``attack(model, x, y)``.
 
-``lit_robust.attacks.functional`` holds the pieces (projection, steps, FOSC, losses) for
-people embedding an attack in their own ``training_step``.
+``lit_robust.attacks.functional`` holds the pieces (projection, starts, steps, FOSC, losses)
+for people embedding an attack in their own ``training_step``.
 """
 
 from lit_robust.attacks import functional
 from lit_robust.attacks.functional import fosc
 from lit_robust.attacks.pgd import FGSM, PGD, Attack, AttackResult, module_mode
+from lit_robust.attacks.trades import TradesKLAttack
 
-__all__ = ["Attack", "AttackResult", "FGSM", "PGD", "fosc", "functional", "module_mode"]
+__all__ = ["Attack", "AttackResult", "FGSM", "PGD", "TradesKLAttack", "fosc", "functional", "module_mode"]

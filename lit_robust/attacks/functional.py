@@ -58,6 +58,17 @@ def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | 
     return project(noise, x, eps, norm)
 
 
+def gaussian_start(x: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
+    """``std * N(0, 1)`` per pixel: the TRADES / MART start (``x + 0.001 * randn``).
+
+    Deliberately not projected, as in the official code: the first forward may see pixels a
+    few ``std`` outside [0, 1], and the first ascent step's projection brings every iterate
+    back into the eps-ball and the box. A zero start would not do for the TRADES KL: its
+    gradient vanishes at ``x_adv = x``, where the KL has its minimum.
+    """
+    return std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def ascent_step(delta: Tensor, grad: Tensor, step_size: float, norm: str) -> Tensor:
     """One steepest-ascent step: sign of the gradient for Linf, the unit gradient for L2."""
     if norm == "linf":
@@ -95,6 +106,25 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
     return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + _TINY)
 
 
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (bf16 / fp16 logits are cast up, float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def kl_loss(logits: Tensor, clean_logits: Tensor) -> Tensor:
+    """``KL(softmax(clean_logits) || softmax(logits))`` per example [B] (TRADES, Zhang et al. 2019).
+
+    The sum over classes of ``p * (log p - log q)``; its sum over the batch is the official
+    ``nn.KLDivLoss(size_average=False)``, its mean the ``batchmean`` of the outer loss. Both
+    distributions are taken in log space, so a class probability that underflows to zero
+    gives neither ``log 0`` nor a NaN gradient. Gradients flow into both arguments: detach
+    ``clean_logits`` yourself if you want the clean distribution fixed.
+    """
+    log_q = F.log_softmax(upcast(logits), dim=1)
+    log_p = F.log_softmax(upcast(clean_logits), dim=1)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(1)
+
+
 def per_example_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The attack objective by name: logits, labels -> per-example loss [B] to maximise."""
     if name == "ce":
@@ -110,6 +140,9 @@ def loss_and_input_grad(
     model: nn.Module, x: Tensor, delta: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example loss, logits and d(sum of losses)/d(delta) by ``torch.autograd.grad``.
+
+    ``y`` is whatever ``loss_fn`` compares the logits with: labels for CE / margin / DLR,
+    the clean logits for :func:`kl_loss`.
 
     Summing keeps each example's gradient at its own scale (what FOSC needs) and leaves
     every parameter's ``.grad`` untouched, so DDP's reducer never fires.

@@ -85,6 +85,9 @@ class PGD(Attack):
         step_size: step per iteration; default ``2.5 * eps / steps`` (Madry et al.'s rule).
         norm: ``"linf"`` (sign steps) or ``"l2"`` (unit-gradient steps).
         random_start: start from a uniform draw in the ball instead of the clean image.
+        start_std: with ``random_start``, start from ``x + start_std * N(0, 1)`` instead
+            (TRADES and MART use 0.001), not projected before the first step, as in their
+            official code (see :func:`~lit_robust.attacks.functional.gaussian_start`).
         restarts: independent runs; per example the misclassifying run wins, ties broken by
             the higher loss.
         loss: ``"ce"``, ``"margin"`` (Carlini-Wagner) or ``"dlr"`` (Croce & Hein).
@@ -111,6 +114,7 @@ class PGD(Attack):
         bn_mode: Literal["eval", "train"] = "eval",
         fosc_threshold: Optional[float] = None,
         track_fosc: bool = False,
+        start_std: Optional[float] = None,
     ) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -124,6 +128,8 @@ class PGD(Attack):
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if fosc_threshold is not None and fosc_threshold < 0:
             raise ValueError(f"fosc_threshold must be >= 0 or None, got {fosc_threshold}")
+        if start_std is not None and not start_std > 0:
+            raise ValueError(f"start_std must be > 0 or None, got {start_std}")
         self.loss_fn = AF.per_example_loss(loss)
         self.norm = AF.check_norm(norm)
         self.eps = float(eps)
@@ -135,24 +141,30 @@ class PGD(Attack):
         self.bn_mode = bn_mode
         self.fosc_threshold = fosc_threshold
         self.track_fosc = track_fosc or fosc_threshold is not None
+        self.start_std = None if start_std is None else float(start_std)
 
     def __repr__(self) -> str:
+        start = "" if self.start_std is None else f", start_std={self.start_std:.4g}"
         return (
             f"{type(self).__name__}(eps={self.eps:.4g}, steps={self.steps}, step_size={self.step_size:.4g}, "
-            f"norm={self.norm!r}, random_start={self.random_start}, restarts={self.restarts}, loss={self.loss!r})"
+            f"norm={self.norm!r}, random_start={self.random_start}{start}, restarts={self.restarts}, "
+            f"loss={self.loss!r})"
         )
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.restarts > 1 or self.track_fosc:
             return self.run(model, x, y).x_adv
         with module_mode(model, self.bn_mode), torch.enable_grad():
-            return self._ascend(model, x.detach(), y)[0]
+            x = x.detach()
+            return self._ascend(model, x, self.target(model, x, y))[0]
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         best = None
         with module_mode(model, self.bn_mode), torch.enable_grad():
+            x = x.detach()
+            target = self.target(model, x, y)
             for _ in range(self.restarts):
-                result = self._single_run(model, x, y)
+                result = self._single_run(model, x, target)
                 if best is None:
                     best = result
                     continue
@@ -161,23 +173,38 @@ class PGD(Attack):
                 best = best.pick(result, better)
         return best
 
-    def _single_run(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
-        x = x.detach()
-        x_adv, taken = self._ascend(model, x, y)
+    def target(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The second argument of ``loss_fn`` (the first is the logits at the iterate).
+
+        The labels here; a subclass whose objective compares with something else (the clean
+        distribution, for :class:`~lit_robust.attacks.TradesKLAttack`) computes it once per
+        attack, in the attack's module mode.
+        """
+        return y
+
+    def _single_run(self, model: nn.Module, x: Tensor, target: Tensor) -> AttackResult:
+        x_adv, taken = self._ascend(model, x, target)
         if self.track_fosc:
-            loss, logits, grad = AF.loss_and_input_grad(model, x, x_adv - x, y, self.loss_fn)
+            loss, logits, grad = AF.loss_and_input_grad(model, x, x_adv - x, target, self.loss_fn)
             return AttackResult(x_adv, logits, loss, taken, AF.fosc(x_adv, x, grad, self.eps, self.norm))
         with torch.no_grad():
             logits = model(x_adv)
-        return AttackResult(x_adv, logits, self.loss_fn(logits, y), taken)
+        return AttackResult(x_adv, logits, self.loss_fn(logits, target), taken)
 
-    def _ascend(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The K masked ascent steps; returns x_adv and the steps each example took."""
-        delta = AF.random_start(x, self.eps, self.norm) if self.random_start else torch.zeros_like(x)
+    def _start(self, x: Tensor) -> Tensor:
+        if not self.random_start:
+            return torch.zeros_like(x)
+        if self.start_std is not None:
+            return AF.gaussian_start(x, self.start_std)
+        return AF.random_start(x, self.eps, self.norm)
+
+    def _ascend(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The K masked ascent steps on ``loss_fn(logits, target)``; returns x_adv and the steps each example took."""
+        delta = self._start(x)
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         taken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         for k in range(self.steps):
-            _, _, grad = AF.loss_and_input_grad(model, x, delta, y, self.loss_fn)
+            _, _, grad = AF.loss_and_input_grad(model, x, delta, target, self.loss_fn)
             if self.fosc_threshold is not None and k > 0:
                 active = active & (AF.fosc(x + delta, x, grad, self.eps, self.norm) > self.fosc_threshold)
             stepped = AF.project(AF.ascent_step(delta, grad, self.step_size, self.norm), x, self.eps, self.norm)

@@ -5,12 +5,26 @@
 
 from lit_robust.defenses.awp import WeightPerturbation
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range
+from lit_robust.defenses.deat import DEAT
+from lit_robust.defenses.fast_at import FastAT
+from lit_robust.defenses.fgsm_sdi import FGSMSDI
+from lit_robust.defenses.free_at import FreeAT
+from lit_robust.defenses.interpolated_at import InterpolatedAT
+from lit_robust.defenses.mart import MART
 from lit_robust.defenses.pgd_at import PGDAT
 from lit_robust.defenses.standard import StandardTraining
+from lit_robust.defenses.trades import TRADES
 
 DEFENSES: dict[str, type[AdversarialModule]] = {
     "PGDAT": PGDAT,
     "StandardTraining": StandardTraining,
+    "TRADES": TRADES,
+    "MART": MART,
+    "FastAT": FastAT,
+    "FreeAT": FreeAT,
+    "DEAT": DEAT,
+    "InterpolatedAT": InterpolatedAT,
+    "FGSMSDI": FGSMSDI,
 }
 
 __all__ = ["DEFENSES", "AdversarialModule", "TrainingOutput", "WeightPerturbation", "check_pixel_range", *DEFENSES]

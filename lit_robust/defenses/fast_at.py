@@ -1,0 +1,186 @@
+"""Fast adversarial training: FGSM with a random start (Wong, Rice & Kolter, ICLR 2020), with the
+catastrophic-overfitting guard of the official code."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lit_robust.attacks import FGSM, PGD
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput
+
+
+class FastAT(AdversarialModule):
+    """Wong, Rice & Kolter, "Fast is better than free: Revisiting adversarial training", ICLR 2020.
+
+    Official code: github.com/locuslab/fast_adversarial (``CIFAR10/train_fgsm.py``).
+
+    Algorithm, per batch (FGSM-RS)::
+
+        delta ~ U(-eps, eps), box-projected
+        delta <- Proj(delta + alpha * sign(grad_delta CE(f(x + delta), y)))     # alpha = 1.25 eps
+        theta <- theta - lr_t * grad_theta CE(f(x + delta), y)                  # lr_t cyclic, per iteration
+
+    Catastrophic-overfitting guard (the official ``--early-stop``; ``co_guard``): the first
+    training batch of each epoch is kept; when the epoch's training batches are done, PGD
+    (``co_check_steps`` steps of eps/4, i.e. 2/255 at 8/255, random start, 1 restart, model in
+    eval mode) is run on it. If that robust accuracy is more than ``co_drop`` below the
+    previous epoch's check, the weights of the previous epoch are put back, a warning says
+    so, ``co_stopped_epoch`` records the epoch and training stops. The accuracy is logged
+    every epoch as ``train/co_check_acc``.
+
+    Defaults (PreActResNet-18, CIFAR-10): Linf eps 8/255, alpha 10/255 (``step_size=None``
+    means 1.25 eps, so it follows eps), 15 epochs at batch 128, SGD momentum 0.9, weight decay
+    5e-4, learning rate linear from 0 up to 0.2 at the half-way iteration and back to 0
+    (``cyclic_lr``; the peak is the optimizer's lr, 0.2 by default), guard on with a 0.2 drop.
+    See ``configs/cifar10/fast_at.yaml``.
+
+    Cost: 2 forward+backward passes per step (FGSM + update). The guard adds
+    ``co_check_steps`` forward+backward passes and one forward on a single batch per epoch,
+    plus a CPU copy of the weights (the previous epoch's, to restore).
+
+    Reported (CIFAR-10, Linf 8/255, PreActResNet-18, 15 epochs): README 86.06 clean (probably a
+    typo: RobustBench measures 83.34, the paper says about 83.8) / 46.06 PGD-50-10, 12 minutes;
+    RobustBench (Wong2020Fast) 83.34 clean / 43.21 AutoAttack. Too large a step (alpha
+    16/255) collapses to 0% PGD accuracy: catastrophic overfitting, which the guard catches.
+
+    Deviations we chose:
+
+    * The FGSM attack runs with BatchNorm in eval mode; the official code attacks (and runs
+      the guard's PGD) in train mode. ``attack_bn_mode="train"`` matches the training attack.
+    * The guard's PGD always runs in eval mode and fp32 (it runs outside the training step's
+      autocast), and its decision is the same on every DDP rank: each rank attacks its own
+      first batch and the correct counts are summed over ranks before comparing.
+    * The check runs after the epoch's last training batch and *before* the end-of-epoch
+      validation, so on a collapse validation and checkpoints already see the restored
+      weights. With an iterable dataset of unknown length, or when ``max_steps`` ends an
+      epoch early, it runs in ``on_train_epoch_end`` instead (after validation).
+    * The default schedule keeps the optimizer's momentum constant. The official code uses
+      torch's ``CyclicLR``, whose defaults also cycle momentum between 0.9 and 0.8 inversely
+      to the learning rate, an implementation side effect the paper does not describe.
+    * Mixed precision: bf16 autocast in our configs; the official code uses apex O2 fp16 with
+      a static loss scale of 1.
+
+    Checkpoints carry the guard's state (previous accuracy and kept weights), so a resumed run
+    compares against the right epoch; the kept batch is not saved, so an epoch resumed in its
+    middle skips its check. With ``min_epochs``/``min_steps`` not yet reached, Lightning ignores
+    the stop request and training goes on from the restored weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        step_size: Optional[float] = None,
+        co_guard: bool = True,
+        co_drop: float = 0.2,
+        co_check_steps: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        if step_size is None and eps > 0:
+            step_size = 1.25 * eps
+        super().__init__(model, eps=eps, step_size=step_size, **kwargs)
+        if not 0 < co_drop <= 1:
+            raise ValueError(f"co_drop must be in (0, 1], got {co_drop}")
+        self.attack = FGSM(self.eps, self.step_size, self.norm, random_start=True, bn_mode=self.attack_bn_mode)
+        if int(co_check_steps) != co_check_steps or co_check_steps < 1:
+            raise ValueError(f"co_check_steps must be an integer >= 1, got {co_check_steps}")
+        self.co_check_attack = PGD(self.eps, int(co_check_steps), self.eps / 4, self.norm, random_start=True)
+        self.co_guard, self.co_drop = co_guard, co_drop
+        self.co_stopped_epoch: Optional[int] = None  #: the epoch whose check found a collapse
+        self._co_batch: Optional[tuple[Tensor, Tensor]] = None
+        self._co_prev_acc = 0.0  # as in the official code, so the first check always passes
+        self._co_kept: Optional[dict[str, Tensor]] = None  # CPU copy of the weights that passed
+
+    def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
+        logits = self.model(x_adv)
+        return TrainingOutput(self.cross_entropy(logits, y), logits)
+
+    # --- the learning-rate cycle ----------------------------------------------------------
+
+    def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """SGD with the cycle's peak lr 0.2, momentum 0.9, weight decay 5e-4."""
+        return torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=5e-4)
+
+    def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> tuple[Any, str]:
+        """The paper's cycle over all training iterations, stepped every iteration."""
+        return cyclic_lr(optimizer, finite_total(self.trainer.estimated_stepping_batches)), "step"
+
+    # --- catastrophic-overfitting guard ----------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.co_guard and batch_idx == 0:
+            x, y = batch
+            self._co_batch = (x.detach().clone(), y.detach().clone())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self.check_catastrophic_overfitting()
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self.check_catastrophic_overfitting()  # only if the last batch did not already
+
+    def co_check_accuracy(self, x: Tensor, y: Tensor) -> float:
+        """PGD accuracy on the kept batch, pooled over DDP ranks (the same value on every rank)."""
+        correct = self.co_check_attack.run(self.model, x, y).predictions == y
+        counts = torch.stack([correct.sum(), torch.tensor(correct.numel(), device=correct.device)]).float()
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        return float(counts[0] / counts[1])  # one host sync per epoch
+
+    def check_catastrophic_overfitting(self) -> None:
+        """Runs the epoch's check once; on a collapse restores the previous weights and stops."""
+        if not self.co_guard or self._co_batch is None:
+            return
+        x, y = self._co_batch
+        self._co_batch = None
+        acc = self.co_check_accuracy(x, y)
+        self.log("train/co_check_acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
+        if self._co_kept is not None and acc < self._co_prev_acc - self.co_drop:
+            self.model.load_state_dict(self._co_kept)
+            torch.clear_autocast_cache()
+            self.co_stopped_epoch = self.current_epoch
+            self.trainer.should_stop = True
+            rank_zero_warn(
+                f"FastAT: catastrophic overfitting at epoch {self.current_epoch}: PGD accuracy on the epoch's first "
+                f"training batch fell from {self._co_prev_acc:.3f} to {acc:.3f} (more than co_drop={self.co_drop}); "
+                "restored the previous epoch's weights and stopped training"
+            )
+            return
+        self._co_prev_acc = acc
+        self._co_kept = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["fast_at_co_guard"] = {"prev_acc": self._co_prev_acc, "kept": self._co_kept,
+                                          "stopped_epoch": self.co_stopped_epoch}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("fast_at_co_guard")
+        if state is not None:
+            self._co_prev_acc, self._co_kept = state["prev_acc"], state["kept"]
+            self.co_stopped_epoch = state["stopped_epoch"]
+
+
+def cyclic_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+    """Linear from 0 up to the optimizer's lr at ``total_steps / 2``, then down to 0 at ``total_steps``.
+
+    The triangle of torch's ``CyclicLR(base_lr=0, step_size_up=step_size_down=total/2)`` used by
+    the official code, without its momentum cycle; 0 after ``total_steps``.
+    """
+    half = total_steps / 2
+    return LambdaLR(optimizer, lambda step: max(0.0, 1.0 - abs(step - half) / half))
+
+
+def finite_total(steps: float) -> int:
+    """``trainer.estimated_stepping_batches`` for a schedule that needs the training length."""
+    if steps == float("inf"):
+        raise ValueError("this schedule needs a finite training length: set max_epochs or max_steps")
+    return int(steps)

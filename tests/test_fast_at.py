@@ -1,0 +1,210 @@
+"""FastAT (FGSM-RS, Wong et al. 2020): the attack's defaults, the cyclic schedule, the
+catastrophic-overfitting guard, and robustness on the digits."""
+
+import csv
+
+import pytest
+import torch
+from digits_bench import EPS, digits_accuracy, fit_on_digits, sgd
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from test_pgdat import _trainer as _pgdat_trainer
+from test_pgdat import digits  # noqa: F401  (the digits fixture)
+from torch import nn
+
+from lit_robust.attacks import PGD
+from lit_robust.defenses.fast_at import FastAT
+from lit_robust.models import SmallCNN
+
+
+def _trainer(tmp_path, **kwargs):
+    """test_pgdat's trainer, without validation unless asked for."""
+    return _pgdat_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})
+
+
+def _flat(module):
+    return torch.cat([t.detach().flatten().float() for t in module.model.state_dict().values()])
+
+
+class _Scripted(FastAT):
+    """FastAT whose guard sees scripted accuracies, and which records the weights it checked."""
+
+    def co_check_accuracy(self, x, y):
+        self.checked.append(_flat(self).clone())
+        return self.script[len(self.checked) - 1]
+
+
+def _scripted(script, **kwargs):
+    module = _Scripted(SmallCNN(width=4), eps=0.2, **kwargs)
+    module.script, module.checked = list(script), []  # not constructor arguments: kept out of the hparams
+    return module
+
+
+def test_step_size_defaults_to_1_25_eps_and_follows_eps():
+    assert FastAT(SmallCNN(width=4)).attack.step_size == pytest.approx(10 / 255)  # the paper's alpha at 8/255
+    module = FastAT(SmallCNN(width=4), eps=0.2)
+    assert module.attack.step_size == pytest.approx(0.25) and module.attack.steps == 1
+    assert module.attack.random_start and module.attack.bn_mode == "eval"
+    assert FastAT(SmallCNN(width=4), eps=0.2, step_size=0.1).attack.step_size == pytest.approx(0.1)
+    assert FastAT(SmallCNN(width=4), attack_bn_mode="train").attack.bn_mode == "train"
+
+
+def test_start_is_uniform_in_the_ball():
+    """With a zero input gradient the FGSM step is 0, so x_adv - x is the random start itself."""
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    nn.init.zeros_(flat[1].weight)
+    module = FastAT(flat, eps=0.2)
+    x = torch.full((256, 1, 8, 8), 0.5)  # far enough from 0 and 1 that the box clips nothing
+    delta = (module.perturb(x, torch.zeros(256, dtype=torch.long)) - x).flatten()
+    assert delta.abs().max() <= 0.2 + 1e-6 and delta.abs().max() > 0.199
+    counts = torch.histc(delta, bins=4, min=-0.2, max=0.2) / delta.numel()
+    assert counts == pytest.approx(torch.full((4,), 0.25), abs=0.03)  # uniform, not a sign or a normal draw
+    assert all(p.grad is None for p in flat.parameters())
+
+
+def test_default_schedule_is_the_cyclic_lr(tmp_path, digits):
+    """0 -> peak at the half-way iteration -> 0, stepped every iteration; SGD 0.9 / 5e-4 with peak 0.2."""
+    seen = []
+
+    class RecordLR(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            group = trainer.optimizers[0].param_groups[0]
+            seen.append((group["lr"], group["momentum"]))
+
+    module = _scripted([0.5, 0.5], co_guard=True)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=5, callbacks=[RecordLR()])
+    trainer.fit(module, digits)
+    lrs = [lr for lr, _ in seen]
+    assert lrs == pytest.approx([0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.16, 0.12, 0.08, 0.04])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)  # after the last step
+    assert {m for _, m in seen} == {0.9}  # momentum is not cycled
+    group = trainer.optimizers[0].param_groups[0]
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD) and group["weight_decay"] == 5e-4
+
+    # The peak is the optimizer's lr, so a user's optimizer keeps its own scale.
+    seen.clear()
+    _trainer(tmp_path, max_steps=4, callbacks=[RecordLR()]).fit(
+        _scripted([0.5], optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5)), digits)
+    assert [lr for lr, _ in seen] == pytest.approx([0.0, 0.025, 0.05, 0.025])
+
+
+def test_guard_restores_the_previous_epoch_and_stops_on_a_collapse(tmp_path, digits):
+    module = _scripted([0.5, 0.6, 0.1, 0.6, 0.6])
+    trainer = _trainer(tmp_path, max_epochs=5, limit_train_batches=3, logger=CSVLogger(tmp_path, name="csv"))
+    with pytest.warns(UserWarning, match=r"catastrophic overfitting at epoch 2: .* 0\.600 to 0\.100"):
+        trainer.fit(module, digits)
+    assert trainer.global_step == 9 and len(module.checked) == 3  # stopped after the third epoch
+    assert module.co_stopped_epoch == 2
+    assert torch.equal(_flat(module), module.checked[1])  # the weights of the epoch before the collapse
+    assert not torch.equal(_flat(module), module.checked[2])
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        logged = [float(row["train/co_check_acc"]) for row in csv.DictReader(f) if row.get("train/co_check_acc")]
+    assert logged == pytest.approx([0.5, 0.6, 0.1])
+
+
+@pytest.mark.parametrize("script", [[0.5, 0.4, 0.3, 0.2], [0.9, 0.71, 0.52, 0.33], [0.1, 0.0, 0.9, 0.8]])
+def test_guard_does_not_stop_without_a_drop_above_co_drop(tmp_path, digits, script, recwarn):
+    """Drops of at most co_drop against the *previous* epoch (not the best one) are tolerated."""
+    module = _scripted(script)
+    trainer = _trainer(tmp_path, max_epochs=4, limit_train_batches=2)
+    trainer.fit(module, digits)
+    assert trainer.global_step == 8 and module.co_stopped_epoch is None and len(module.checked) == 4
+    assert torch.equal(_flat(module), module.checked[-1])  # the final weights, nothing restored
+    assert not [w for w in recwarn if "catastrophic" in str(w.message)]
+    assert trainer.callback_metrics["train/co_check_acc"] == pytest.approx(script[-1])
+
+
+def test_guard_off_and_co_drop(tmp_path, digits):
+    module = _scripted([0.9, 0.0], co_guard=False)
+    _trainer(tmp_path, max_epochs=2, limit_train_batches=2).fit(module, digits)
+    assert module.checked == [] and module.co_stopped_epoch is None
+    module = _scripted([0.9, 0.55], co_drop=0.3)  # a 0.35 drop exceeds co_drop=0.3
+    with pytest.warns(UserWarning, match="catastrophic"):
+        _trainer(tmp_path, max_epochs=3, limit_train_batches=2).fit(module, digits)
+    assert module.co_stopped_epoch == 1
+
+
+def test_check_is_eval_mode_pgd_on_the_epochs_first_batch(tmp_path, digits):
+    """The real check: PGD-5 with step eps/4 in eval mode on the first batch; no gradients, BN untouched."""
+    calls, firsts = [], []
+
+    def state(module):  # BN statistics and parameter gradients
+        return [t.clone() for t in module.model.buffers()] + [p.grad.clone() for p in module.parameters()]
+
+    class Spy(FastAT):
+        def co_check_accuracy(self, x, y):
+            before = state(self)
+            acc = super().co_check_accuracy(x, y)
+            calls.append(dict(x=x.clone(), y=y.clone(), acc=acc, training=self.model.training,
+                              untouched=all(torch.equal(a, b) for a, b in zip(before, state(self)))))
+            return acc
+
+    class RecordFirst(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                firsts.append(batch[0].clone())
+
+    module = Spy(SmallCNN(width=4), eps=0.2)
+    assert module.co_check_attack.steps == 5 and module.co_check_attack.step_size == pytest.approx(0.05)
+    assert module.co_check_attack.bn_mode == "eval" and module.co_check_attack.restarts == 1
+    _trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[RecordFirst()]).fit(module, digits)
+    assert len(calls) == 2 and all(torch.equal(c["x"], f) for c, f in zip(calls, firsts))
+    assert all(c["untouched"] and c["training"] for c in calls)  # the model's own mode is left alone
+    x, y, acc = calls[-1]["x"], calls[-1]["y"], calls[-1]["acc"]
+    expected = (PGD(0.2, 5, 0.05).run(module.model.eval(), x, y).predictions == y).float().mean().item()
+    assert abs(acc - expected) <= 3 / len(y)  # the same attack from another random start
+
+
+def test_check_pools_the_counts_of_all_ranks(digits):
+    """The decision uses counts summed by the strategy (one value on every DDP rank)."""
+    module = FastAT(SmallCNN(width=4), eps=0.2)
+    x, y = next(iter(digits.train_dataloader()))
+
+    class FakeStrategy:  # rank 0's counts plus another rank's 32 examples, all wrong
+        def reduce(self, counts, reduce_op):
+            assert reduce_op == "sum"
+            return counts + torch.tensor([0.0, 32.0], dtype=counts.dtype)
+
+    class FakeTrainer:
+        strategy = FakeStrategy()
+
+    module.trainer = FakeTrainer()
+    torch.manual_seed(0)
+    correct = (module.co_check_attack.run(module.model, x, y).predictions == y).sum().item()
+    torch.manual_seed(0)
+    assert module.co_check_accuracy(x, y) == pytest.approx(correct / 64)
+
+
+def test_guard_state_survives_a_checkpoint_and_a_resume(tmp_path, digits):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = _scripted([0.5, 0.7])
+    _trainer(tmp_path, max_epochs=2, limit_train_batches=2, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        first, digits)
+    restored = FastAT.load_from_checkpoint(ckpt.last_model_path, model=SmallCNN(width=4))
+    assert restored._co_prev_acc == pytest.approx(0.7)
+    assert restored.attack.step_size == pytest.approx(0.25) and restored.co_drop == 0.2
+    assert torch.equal(torch.cat([v.flatten().float() for v in restored._co_kept.values()]), first.checked[1])
+
+    resumed = _scripted([0.45])  # 0.25 below the checkpoint's 0.7: a collapse only if the state came back
+    trainer = _trainer(tmp_path, max_epochs=4, limit_train_batches=2)
+    with pytest.warns(UserWarning, match="catastrophic"):
+        trainer.fit(resumed, digits, ckpt_path=ckpt.last_model_path)
+    assert resumed.co_stopped_epoch == 2 and trainer.global_step == 6
+    assert torch.equal(_flat(resumed), first.checked[1])
+
+
+@pytest.mark.parametrize("kwargs,name", [({"co_drop": 0.0}, "co_drop"), ({"co_drop": 1.5}, "co_drop"),
+                                         ({"co_check_steps": 0}, "co_check_steps"), ({"eps": 0.0}, "eps"),
+                                         ({"step_size": -1.0}, "step_size")])
+def test_invalid_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FastAT(SmallCNN(width=4), **kwargs)
+
+
+def test_fast_at_beats_standard_training_under_pgd(standard_digits_accuracy):
+    """FGSM-RS with the paper's alpha = 1.25 eps and the cyclic schedule (peak 0.05) on the digits."""
+    module = fit_on_digits(FastAT(SmallCNN(width=16), eps=EPS, optimizer=sgd()))
+    acc = digits_accuracy(module.model)
+    assert module.co_stopped_epoch is None
+    assert acc["clean"] > 0.8
+    assert acc["pgd"] > standard_digits_accuracy["pgd"] + 0.3
