@@ -36,3 +36,13 @@ def standard_digits_accuracy() -> dict:
 
     module = fit_on_digits(StandardTraining(SmallCNN(width=16), eps=EPS, optimizer=sgd()))
     return digits_accuracy(module.model)
+
+
+@pytest.fixture
+def digits():
+    """The digits DataModule, set up, with small training batches."""
+    from lit_robust.datamodules import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=32, eval_batch_size=64)
+    dm.setup()
+    return dm

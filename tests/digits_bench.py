@@ -51,3 +51,15 @@ def digits_accuracy(model: torch.nn.Module) -> dict[str, float]:
 def sgd(lr: float = 0.05):
     """The optimizer the digits tests use (paper recipes are for CIFAR-scale networks)."""
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A CPU Trainer with no logger, checkpoints, progress bar or summary unless asked for."""
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def training_only_trainer(tmp_path, **kwargs) -> L.Trainer:
+    """``quiet_trainer`` without validation unless asked for."""
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})

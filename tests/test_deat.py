@@ -9,7 +9,7 @@ import pytest
 import torch
 from digits_bench import EPS, digits_accuracy, fit_on_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_pgdat import _trainer
+from digits_bench import quiet_trainer as _trainer
 from torch import nn
 
 from lit_robust.datamodules import DigitsDataModule

@@ -7,6 +7,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from digits_bench import quiet_trainer as _trainer
+
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses import DEFENSES
 from lit_robust.models import SmallCNN
@@ -19,12 +21,6 @@ IDS = [name + ("+awp" if kw else "") for name, kw in CASES]
 def _make(name, extra):
     return DEFENSES[name](SmallCNN(width=4), eps=EPS, steps=2, step_size=0.1, val_attack_steps=1,
                           test_attack_steps=1, **extra)
-
-
-def _trainer(tmp_path, **kwargs):
-    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=tmp_path)
-    return L.Trainer(**{**base, **kwargs})
 
 
 @pytest.fixture(scope="module")

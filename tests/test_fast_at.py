@@ -8,18 +8,12 @@ import torch
 from digits_bench import EPS, digits_accuracy, fit_on_digits, sgd
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from test_pgdat import _trainer as _pgdat_trainer
-from test_pgdat import digits  # noqa: F401  (the digits fixture)
+from digits_bench import training_only_trainer as _trainer
 from torch import nn
 
 from lit_robust.attacks import PGD
 from lit_robust.defenses.fast_at import FastAT
 from lit_robust.models import SmallCNN
-
-
-def _trainer(tmp_path, **kwargs):
-    """test_pgdat's trainer, without validation unless asked for."""
-    return _pgdat_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})
 
 
 def _flat(module):

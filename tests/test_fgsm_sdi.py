@@ -9,6 +9,8 @@ from digits_bench import EPS, digits_accuracy, fit_on_digits, sgd
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from digits_bench import training_only_trainer as _trainer
+
 from lit_robust.attacks.pgd import module_mode
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses.fgsm_sdi import FGSMSDI, paper_label_smoothing
@@ -16,22 +18,11 @@ from lit_robust.models import SmallCNN
 from lit_robust.models.sdi_generator import SDIGenerator
 
 
-def _trainer(tmp_path, **kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    return L.Trainer(**{**defaults, **kwargs})
-
-
 def _sdi(**kwargs):
     return FGSMSDI(SmallCNN(width=4), **{"eps": 0.2, "step_size": 0.2, "generator_every": 3, "generator_width": 8,
                                          "val_attack_steps": 2, "test_attack_steps": 2, **kwargs})
 
 
-@pytest.fixture
-def digits():
-    dm = DigitsDataModule(batch_size=32, eval_batch_size=64)
-    dm.setup()
-    return dm
 
 
 def _digits_batch(digits):

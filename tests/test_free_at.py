@@ -5,7 +5,7 @@ import pytest
 import torch
 from digits_bench import EPS, digits_accuracy, fit_on_digits, sgd
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_fast_at import _trainer, digits  # noqa: F401  (the shared trainer and digits fixture)
+from digits_bench import training_only_trainer as _trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_robust.defenses.free_at import FreeAT

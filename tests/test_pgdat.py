@@ -7,15 +7,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from digits_bench import quiet_trainer as _trainer
+
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses import PGDAT, TrainingOutput
 from lit_robust.models import SmallCNN
-
-
-def _trainer(tmp_path, **kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def _pgdat(**kwargs):
@@ -23,11 +19,6 @@ def _pgdat(**kwargs):
                                        "test_attack_steps": 2, **kwargs})
 
 
-@pytest.fixture
-def digits():
-    dm = DigitsDataModule(batch_size=32, eval_batch_size=64)
-    dm.setup()
-    return dm
 
 
 def test_bf16_mixed_training_keeps_the_threat_model(tmp_path, digits):
