@@ -1,7 +1,16 @@
 """Schedules and safeguards as Lightning callbacks (installed as ``lit_robust.callbacks``).
 
-The FOSC, early-stopping, EMA and attack-strength callbacks arrive with issue 4; the
-package exists now so the install layout is fixed and tested from the start.
+Each keeps its state in checkpoints (``state_dict`` / ``load_state_dict``), so a resumed run
+continues as if it had never stopped.
 """
 
-__all__: list[str] = []
+from lit_robust.callbacks.catastrophic_overfitting import CatastrophicOverfittingMonitor
+from lit_robust.callbacks.early_stopping import RobustEarlyStopping, robust_checkpoint
+from lit_robust.callbacks.ema import EMA
+from lit_robust.callbacks.exact_resume import ExactResume
+from lit_robust.callbacks.example_logger import AdversarialExampleLogger
+from lit_robust.callbacks.fosc import FOSCSchedule
+from lit_robust.callbacks.schedules import AttackSchedule, AttackStepsSchedule, EpsilonSchedule
+
+__all__ = ["AdversarialExampleLogger", "AttackSchedule", "AttackStepsSchedule", "CatastrophicOverfittingMonitor",
+           "EMA", "EpsilonSchedule", "ExactResume", "FOSCSchedule", "RobustEarlyStopping", "robust_checkpoint"]

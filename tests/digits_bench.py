@@ -11,7 +11,8 @@ import torch
 
 from lit_robust.attacks import PGD
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.defenses import AdversarialModule
+from lit_robust.defenses import PGDAT, AdversarialModule
+from lit_robust.models import SmallCNN
 
 EPS = 0.2  # Linf, in [0, 1] pixel units, as in configs/quickstart.yaml
 
@@ -22,7 +23,7 @@ def digits() -> DigitsDataModule:
     return dm
 
 
-def fit_on_digits(module: AdversarialModule, epochs: int = 8) -> AdversarialModule:
+def fit_on_digits(module: AdversarialModule, epochs: int = 8, callbacks: tuple = ()) -> AdversarialModule:
     """Trains on the digits train split (seed 0, CPU, no validation) and returns the module in eval mode.
 
     The classifier's layers are re-initialised from seed 0 first, so a result does not depend
@@ -33,7 +34,8 @@ def fit_on_digits(module: AdversarialModule, epochs: int = 8) -> AdversarialModu
         if hasattr(layer, "reset_parameters"):
             layer.reset_parameters()
     L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(module, digits())
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+              callbacks=list(callbacks)).fit(module, digits())
     return module.eval()
 
 
@@ -63,3 +65,16 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
 def training_only_trainer(tmp_path, **kwargs) -> L.Trainer:
     """``quiet_trainer`` without validation unless asked for."""
     return quiet_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})
+
+
+class RecordingPGDAT(PGDAT):
+    """A small PGD-AT (4 steps of eps/4) that records its training attack's settings at every step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(SmallCNN(width=4), eps=EPS, steps=4, step_size=EPS / 4, optimizer=sgd(), **kwargs)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        a = self.attack
+        self.seen.append((self.current_epoch, batch_idx, a.eps, a.step_size, a.steps, a.fosc_threshold))
+        return super().training_step(batch, batch_idx)

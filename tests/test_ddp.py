@@ -44,6 +44,18 @@ def test_ddp_with_awp_and_accumulation_keeps_ranks_identical(tmp_path):
     assert torch.isfinite(params[0]).all() and torch.equal(params[0], params[1])
 
 
+def test_ddp_schedules_are_rank_consistent_and_ema_weights_identical(tmp_path):
+    """FOSC threshold and eps ramp depend on the progress only; EMA of identical weights stays identical."""
+    ranks, params = _run(tmp_path, "callbacks")
+    settings = [r["attack_settings"] for r in ranks]
+    assert settings[0] == settings[1] and len(settings[0]) == 60
+    thresholds = sorted({(epoch, c) for epoch, _, c in settings[0]})
+    assert [c for _, c in thresholds][:3] == pytest.approx([0.5, 0.25, 0.0])
+    assert settings[0][0][1] == 0.0 and settings[0][-1][1] == pytest.approx(0.2)  # eps ramped over epoch 0
+    assert all(r["max_param_change"] > 1e-3 for r in ranks), ranks
+    assert torch.isfinite(params[0]).all() and torch.equal(params[0], params[1])
+
+
 def test_ddp_logged_robust_acc_is_global_and_weights_agree(ddp_run):
     ranks, params = ddp_run
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)

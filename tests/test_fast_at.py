@@ -12,6 +12,7 @@ from digits_bench import training_only_trainer as _trainer
 from torch import nn
 
 from lit_robust.attacks import PGD
+from lit_robust.callbacks.catastrophic_overfitting import CatastrophicOverfittingMonitor
 from lit_robust.defenses.fast_at import FastAT
 from lit_robust.models import SmallCNN
 
@@ -20,18 +21,26 @@ def _flat(module):
     return torch.cat([t.detach().flatten().float() for t in module.model.state_dict().values()])
 
 
-class _Scripted(FastAT):
-    """FastAT whose guard sees scripted accuracies, and which records the weights it checked."""
+@pytest.fixture
+def scripted(monkeypatch):
+    """Makes FastAT modules whose guard sees scripted accuracies and records the weights it checked.
 
-    def co_check_accuracy(self, x, y):
-        self.checked.append(_flat(self).clone())
-        return self.script[len(self.checked) - 1]
+    The accuracy is scripted on the class, so *any* CatastrophicOverfittingMonitor that checks
+    such a module records into ``module.checked`` (a stray or missing guard is visible).
+    """
 
+    def accuracy(monitor, trainer, pl_module, x, y):
+        pl_module.checked.append(_flat(pl_module).clone())
+        return pl_module.script[len(pl_module.checked) - 1]
 
-def _scripted(script, **kwargs):
-    module = _Scripted(SmallCNN(width=4), eps=0.2, **kwargs)
-    module.script, module.checked = list(script), []  # not constructor arguments: kept out of the hparams
-    return module
+    monkeypatch.setattr(CatastrophicOverfittingMonitor, "check_accuracy", accuracy)
+
+    def make(script, **kwargs):
+        module = FastAT(SmallCNN(width=4), eps=0.2, **kwargs)
+        module.script, module.checked = list(script), []  # not constructor arguments: kept out of the hparams
+        return module
+
+    return make
 
 
 def test_step_size_defaults_to_1_25_eps_and_follows_eps():
@@ -56,7 +65,7 @@ def test_start_is_uniform_in_the_ball():
     assert all(p.grad is None for p in flat.parameters())
 
 
-def test_default_schedule_is_the_cyclic_lr(tmp_path, digits):
+def test_default_schedule_is_the_cyclic_lr(tmp_path, digits, scripted):
     """0 -> peak at the half-way iteration -> 0, stepped every iteration; SGD 0.9 / 5e-4 with peak 0.2."""
     seen = []
 
@@ -65,7 +74,7 @@ def test_default_schedule_is_the_cyclic_lr(tmp_path, digits):
             group = trainer.optimizers[0].param_groups[0]
             seen.append((group["lr"], group["momentum"]))
 
-    module = _scripted([0.5, 0.5], co_guard=True)
+    module = scripted([0.5, 0.5], co_guard=True)
     trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=5, callbacks=[RecordLR()])
     trainer.fit(module, digits)
     lrs = [lr for lr, _ in seen]
@@ -78,17 +87,17 @@ def test_default_schedule_is_the_cyclic_lr(tmp_path, digits):
     # The peak is the optimizer's lr, so a user's optimizer keeps its own scale.
     seen.clear()
     _trainer(tmp_path, max_steps=4, callbacks=[RecordLR()]).fit(
-        _scripted([0.5], optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5)), digits)
+        scripted([0.5], optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5)), digits)
     assert [lr for lr, _ in seen] == pytest.approx([0.0, 0.025, 0.05, 0.025])
 
 
-def test_guard_restores_the_previous_epoch_and_stops_on_a_collapse(tmp_path, digits):
-    module = _scripted([0.5, 0.6, 0.1, 0.6, 0.6])
+def test_guard_restores_the_previous_epoch_and_stops_on_a_collapse(tmp_path, digits, scripted):
+    module = scripted([0.5, 0.6, 0.1, 0.6, 0.6])
     trainer = _trainer(tmp_path, max_epochs=5, limit_train_batches=3, logger=CSVLogger(tmp_path, name="csv"))
-    with pytest.warns(UserWarning, match=r"catastrophic overfitting at epoch 2: .* 0\.600 to 0\.100"):
+    with pytest.warns(UserWarning, match=r"FastAT: catastrophic overfitting at epoch 2: .* 0\.600 to 0\.100"):
         trainer.fit(module, digits)
     assert trainer.global_step == 9 and len(module.checked) == 3  # stopped after the third epoch
-    assert module.co_stopped_epoch == 2
+    assert module.co_stopped_epoch == 2 and module.co_monitor.collapsed_epochs == [2]
     assert torch.equal(_flat(module), module.checked[1])  # the weights of the epoch before the collapse
     assert not torch.equal(_flat(module), module.checked[2])
     with open(trainer.logger.log_dir + "/metrics.csv") as f:
@@ -97,9 +106,9 @@ def test_guard_restores_the_previous_epoch_and_stops_on_a_collapse(tmp_path, dig
 
 
 @pytest.mark.parametrize("script", [[0.5, 0.4, 0.3, 0.2], [0.9, 0.71, 0.52, 0.33], [0.1, 0.0, 0.9, 0.8]])
-def test_guard_does_not_stop_without_a_drop_above_co_drop(tmp_path, digits, script, recwarn):
+def test_guard_does_not_stop_without_a_drop_above_co_drop(tmp_path, digits, script, recwarn, scripted):
     """Drops of at most co_drop against the *previous* epoch (not the best one) are tolerated."""
-    module = _scripted(script)
+    module = scripted(script)
     trainer = _trainer(tmp_path, max_epochs=4, limit_train_batches=2)
     trainer.fit(module, digits)
     assert trainer.global_step == 8 and module.co_stopped_epoch is None and len(module.checked) == 4
@@ -108,14 +117,32 @@ def test_guard_does_not_stop_without_a_drop_above_co_drop(tmp_path, digits, scri
     assert trainer.callback_metrics["train/co_check_acc"] == pytest.approx(script[-1])
 
 
-def test_guard_off_and_co_drop(tmp_path, digits):
-    module = _scripted([0.9, 0.0], co_guard=False)
-    _trainer(tmp_path, max_epochs=2, limit_train_batches=2).fit(module, digits)
-    assert module.checked == [] and module.co_stopped_epoch is None
-    module = _scripted([0.9, 0.55], co_drop=0.3)  # a 0.35 drop exceeds co_drop=0.3
+def test_guard_off_and_co_drop(tmp_path, digits, scripted):
+    module = scripted([0.9, 0.0], co_guard=False)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=2)
+    trainer.fit(module, digits)
+    assert module.co_monitor is None
+    assert not [c for c in module.configure_callbacks() if isinstance(c, CatastrophicOverfittingMonitor)]
+    assert not [c for c in trainer.callbacks if isinstance(c, CatastrophicOverfittingMonitor)]
+    assert module.checked == [] and module.co_stopped_epoch is None and trainer.global_step == 4
+    assert "train/co_check_acc" not in trainer.callback_metrics
+    module = scripted([0.9, 0.55], co_drop=0.3)  # a 0.35 drop exceeds co_drop=0.3
+    assert module.co_monitor.drop == 0.3 and module.co_monitor.check_steps == 5
     with pytest.warns(UserWarning, match="catastrophic"):
         _trainer(tmp_path, max_epochs=3, limit_train_batches=2).fit(module, digits)
     assert module.co_stopped_epoch == 1
+
+
+def test_modules_guard_replaces_a_monitor_given_to_the_trainer(tmp_path, digits, scripted):
+    """Lightning's rule for configure_callbacks: the module's monitor replaces the Trainer's of the same class."""
+    users = CatastrophicOverfittingMonitor(drop=0.9)  # would tolerate the 0.3 drop below
+    module = scripted([0.9, 0.6, 0.6])
+    trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=2, callbacks=[users])
+    with pytest.warns(UserWarning, match="catastrophic overfitting at epoch 1"):
+        trainer.fit(module, digits)
+    monitors = [c for c in trainer.callbacks if isinstance(c, CatastrophicOverfittingMonitor)]
+    assert len(monitors) == 1 and monitors[0] is module.co_monitor
+    assert module.co_stopped_epoch == 1 and users.previous_acc is None and users.stopped_epoch is None
 
 
 def test_check_is_eval_mode_pgd_on_the_epochs_first_batch(tmp_path, digits):
@@ -125,22 +152,25 @@ def test_check_is_eval_mode_pgd_on_the_epochs_first_batch(tmp_path, digits):
     def state(module):  # BN statistics and parameter gradients
         return [t.clone() for t in module.model.buffers()] + [p.grad.clone() for p in module.parameters()]
 
-    class Spy(FastAT):
-        def co_check_accuracy(self, x, y):
-            before = state(self)
-            acc = super().co_check_accuracy(x, y)
-            calls.append(dict(x=x.clone(), y=y.clone(), acc=acc, training=self.model.training,
-                              untouched=all(torch.equal(a, b) for a, b in zip(before, state(self)))))
-            return acc
-
     class RecordFirst(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:
                 firsts.append(batch[0].clone())
 
-    module = Spy(SmallCNN(width=4), eps=0.2)
-    assert module.co_check_attack.steps == 5 and module.co_check_attack.step_size == pytest.approx(0.05)
-    assert module.co_check_attack.bn_mode == "eval" and module.co_check_attack.restarts == 1
+    module = FastAT(SmallCNN(width=4), eps=0.2)
+    monitor, real = module.co_monitor, module.co_monitor.check_accuracy
+
+    def spy(trainer, pl_module, x, y):
+        before = state(pl_module)
+        acc = real(trainer, pl_module, x, y)
+        calls.append(dict(x=x.clone(), y=y.clone(), acc=acc, training=pl_module.model.training,
+                          untouched=all(torch.equal(a, b) for a, b in zip(before, state(pl_module)))))
+        return acc
+
+    monitor.check_accuracy = spy
+    attack = monitor.attack(module)
+    assert attack.steps == 5 and attack.step_size == pytest.approx(0.05) and attack.eps == pytest.approx(0.2)
+    assert attack.bn_mode == "eval" and attack.restarts == 1 and attack.random_start and attack.norm == "linf"
     _trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[RecordFirst()]).fit(module, digits)
     assert len(calls) == 2 and all(torch.equal(c["x"], f) for c, f in zip(calls, firsts))
     assert all(c["untouched"] and c["training"] for c in calls)  # the model's own mode is left alone
@@ -162,26 +192,28 @@ def test_check_pools_the_counts_of_all_ranks(digits):
     class FakeTrainer:
         strategy = FakeStrategy()
 
-    module.trainer = FakeTrainer()
+    monitor = module.co_monitor
     torch.manual_seed(0)
-    correct = (module.co_check_attack.run(module.model, x, y).predictions == y).sum().item()
+    correct = (monitor.attack(module).run(module.model, x, y).predictions == y).sum().item()
     torch.manual_seed(0)
-    assert module.co_check_accuracy(x, y) == pytest.approx(correct / 64)
+    assert monitor.check_accuracy(FakeTrainer(), module, x, y) == pytest.approx(correct / 64)
 
 
-def test_guard_state_survives_a_checkpoint_and_a_resume(tmp_path, digits):
+def test_guard_state_survives_a_checkpoint_and_a_resume(tmp_path, digits, scripted):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    first = _scripted([0.5, 0.7])
+    first = scripted([0.5, 0.7])
     _trainer(tmp_path, max_epochs=2, limit_train_batches=2, enable_checkpointing=True, callbacks=[ckpt]).fit(
         first, digits)
+    state = torch.load(ckpt.last_model_path, weights_only=False)["callbacks"]["CatastrophicOverfittingMonitor"]
+    assert state["previous_acc"] == pytest.approx(0.7) and state["previous_epoch"] == 1
+    assert all(v.device.type == "cpu" for v in state["kept"].values())
+    assert torch.equal(torch.cat([v.flatten().float() for v in state["kept"].values()]), first.checked[1])
     restored = FastAT.load_from_checkpoint(ckpt.last_model_path, model=SmallCNN(width=4))
-    assert restored._co_prev_acc == pytest.approx(0.7)
-    assert restored.attack.step_size == pytest.approx(0.25) and restored.co_drop == 0.2
-    assert torch.equal(torch.cat([v.flatten().float() for v in restored._co_kept.values()]), first.checked[1])
+    assert restored.attack.step_size == pytest.approx(0.25) and restored.co_monitor.drop == 0.2
 
-    resumed = _scripted([0.45])  # 0.25 below the checkpoint's 0.7: a collapse only if the state came back
+    resumed = scripted([0.45])  # 0.25 below the checkpoint's 0.7: a collapse only if the state came back
     trainer = _trainer(tmp_path, max_epochs=4, limit_train_batches=2)
-    with pytest.warns(UserWarning, match="catastrophic"):
+    with pytest.warns(UserWarning, match="catastrophic overfitting at epoch 2: .* 0\\.700 to 0\\.450"):
         trainer.fit(resumed, digits, ckpt_path=ckpt.last_model_path)
     assert resumed.co_stopped_epoch == 2 and trainer.global_step == 6
     assert torch.equal(_flat(resumed), first.checked[1])

@@ -126,8 +126,6 @@ class PGD(Attack):
             raise ValueError(f"restarts must be an integer >= 1, got {restarts}")
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-        if fosc_threshold is not None and fosc_threshold < 0:
-            raise ValueError(f"fosc_threshold must be >= 0 or None, got {fosc_threshold}")
         if start_std is not None and not start_std > 0:
             raise ValueError(f"start_std must be > 0 or None, got {start_std}")
         self.loss_fn = AF.per_example_loss(loss)
@@ -139,9 +137,28 @@ class PGD(Attack):
         self.restarts = int(restarts)
         self.loss = loss
         self.bn_mode = bn_mode
-        self.fosc_threshold = fosc_threshold
-        self.track_fosc = track_fosc or fosc_threshold is not None
+        self._step_per_eps = self.step_size / self.eps
+        self.track_fosc = track_fosc
+        self.set_fosc_threshold(fosc_threshold)
         self.start_std = None if start_std is None else float(start_std)
+
+    def set_eps(self, eps: float) -> None:
+        """Changes the radius and scales the step size with it (schedules ramp eps this way).
+
+        ``eps = 0`` is allowed here (a ramp's start): the attack then returns the clean batch.
+        """
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if self.eps > 0:
+            self._step_per_eps = self.step_size / self.eps
+        self.eps, self.step_size = float(eps), float(eps) * self._step_per_eps
+
+    def set_fosc_threshold(self, threshold: Optional[float]) -> None:
+        """Freezes examples whose FOSC is <= ``threshold`` (None: plain PGD); FOSC is then tracked."""
+        if threshold is not None and threshold < 0:
+            raise ValueError(f"fosc_threshold must be >= 0 or None, got {threshold}")
+        self.fosc_threshold = threshold
+        self.track_fosc = self.track_fosc or threshold is not None
 
     def __repr__(self) -> str:
         start = "" if self.start_std is None else f", start_std={self.start_std:.4g}"

@@ -8,7 +8,9 @@ robust validation and test with gradients enabled (also under ``trainer.validate
 epoch and stage: one host sync per epoch, none per step), a non-finite loss guard, and the
 logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
 ``val/robust_acc``, ``test/clean_acc``, ``test/robust_acc`` (+ ``test/autoattack_acc`` and
-``test/worst_case_acc`` when AutoAttack runs at test time).
+``test/worst_case_acc`` when AutoAttack runs at test time, ``train/fosc_mean`` and
+``train/attack_steps`` when the training attack tracks FOSC), and exact resume (the
+``ExactResume`` callback it brings along saves the random generators in checkpoints).
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lit_robust.attacks import PGD
+from lit_robust.attacks import PGD, AttackResult
+from lit_robust.callbacks.exact_resume import ExactResume
 from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import BN_MODES
 from lit_robust.defenses.awp import WeightPerturbation
 from lit_robust.evaluation.autoattack import autoattack
 
 _METRICS = ("train/adv_acc", "train/clean_acc", "val/clean_acc", "val/robust_acc", "test/clean_acc",
-            "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc")
+            "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc", "train/fosc_mean",
+            "train/attack_steps")
 
 
 @dataclass
@@ -131,6 +135,7 @@ class AdversarialModule(L.LightningModule):
         self.test_attack = PGD(eps, _named(test_attack_steps, "test_attack_steps"), norm=norm)
         self.metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
         self._first_nonfinite_step: Optional[Tensor] = None
+        self.last_attack_result: Optional[AttackResult] = None  #: the training attack's, when it tracks FOSC
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -138,8 +143,26 @@ class AdversarialModule(L.LightningModule):
     # --- what a defense implements -------------------------------------------------------
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
-        """The inner maximization: an adversarial batch for the current weights."""
-        return self.attack(self.model, x, y)
+        """The inner maximization: an adversarial batch for the current weights.
+
+        When the attack tracks FOSC (``FOSCSchedule``), its full result is kept in
+        ``last_attack_result`` for logging and callbacks.
+        """
+        if not getattr(self.attack, "track_fosc", False):
+            return self.attack(self.model, x, y)
+        self.last_attack_result = self.attack.run(self.model, x, y)
+        return self.last_attack_result.x_adv
+
+    def scheduled_attack(self) -> PGD:
+        """The training attack that schedules (``lit_robust.callbacks``) adjust: ``self.attack``.
+
+        A defense whose inner maximization is not a :class:`~lit_robust.attacks.PGD` held in
+        ``self.attack`` (Free AT's replays, FGSM-SDI's generator) has none and raises.
+        """
+        attack = getattr(self, "attack", None)
+        if not isinstance(attack, PGD):
+            raise TypeError(f"{type(self).__name__} has no PGD training attack (self.attack) for a schedule to set")
+        return attack
 
     def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
         """The loss the weights minimise, given the clean and the adversarial batch."""
@@ -176,6 +199,9 @@ class AdversarialModule(L.LightningModule):
             self._log_accuracy("train/adv_acc", out.adv_logits, y)
         if out.clean_logits is not None:
             self._log_accuracy("train/clean_acc", out.clean_logits, y)
+        if self.last_attack_result is not None and self.last_attack_result.fosc is not None:
+            self._log_mean("train/fosc_mean", self.last_attack_result.fosc)
+            self._log_mean("train/attack_steps", self.last_attack_result.steps.float())
         self.watch_loss(out.loss)
         return out.loss
 
@@ -228,10 +254,18 @@ class AdversarialModule(L.LightningModule):
         self._log_correct(name, logits.detach().argmax(1) == y)
 
     def _log_correct(self, name: str, correct: Tensor) -> None:
+        self._log_mean(name, correct.float())
+
+    def _log_mean(self, name: str, values: Tensor) -> None:
+        """Logs the epoch mean of per-example ``values`` (a torchmetrics MeanMetric: exact under DDP)."""
         metric = self.metrics[name.replace("/", "_")]
-        metric.update(correct.float())
+        metric.update(values)
         self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith("robust_acc"),
-                 batch_size=correct.shape[0])
+                 batch_size=values.shape[0])
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks every defense needs: :class:`~lit_robust.callbacks.ExactResume`."""
+        return [ExactResume()]
 
     # --- optimisation ----------------------------------------------------------------------
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lit_robust.attacks import FGSM, PGD
+from lit_robust.attacks import FGSM
+from lit_robust.callbacks.catastrophic_overfitting import CatastrophicOverfittingMonitor
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
 
 
@@ -25,13 +26,19 @@ class FastAT(AdversarialModule):
         delta <- Proj(delta + alpha * sign(grad_delta CE(f(x + delta), y)))     # alpha = 1.25 eps
         theta <- theta - lr_t * grad_theta CE(f(x + delta), y)                  # lr_t cyclic, per iteration
 
-    Catastrophic-overfitting guard (the official ``--early-stop``; ``co_guard``): the first
-    training batch of each epoch is kept; when the epoch's training batches are done, PGD
-    (``co_check_steps`` steps of eps/4, i.e. 2/255 at 8/255, random start, 1 restart, model in
-    eval mode) is run on it. If that robust accuracy is more than ``co_drop`` below the
-    previous epoch's check, the weights of the previous epoch are put back, a warning says
-    so, ``co_stopped_epoch`` records the epoch and training stops. The accuracy is logged
-    every epoch as ``train/co_check_acc``.
+    Catastrophic-overfitting guard (the official ``--early-stop``; ``co_guard``): a
+    :class:`~lit_robust.callbacks.catastrophic_overfitting.CatastrophicOverfittingMonitor`
+    (``drop=co_drop``, ``check_steps=co_check_steps``), held in ``co_monitor`` and attached
+    through ``configure_callbacks``. The first training batch of each epoch is kept; when the
+    epoch's training batches are done, PGD (``co_check_steps`` steps of eps/4, i.e. 2/255 at
+    8/255, random start, 1 restart, model in eval mode) is run on it. If that robust accuracy
+    is more than ``co_drop`` below the previous epoch's check, the weights of the previous
+    epoch are put back, a warning says so, ``co_stopped_epoch`` records the epoch and training
+    stops. The accuracy is logged every epoch as ``train/co_check_acc``. By Lightning's rule a
+    callback returned by ``configure_callbacks`` replaces the Trainer's callbacks of the same
+    class, so with ``co_guard=True`` a ``CatastrophicOverfittingMonitor`` given to the Trainer is
+    dropped in favour of this one; for other settings (``eps``, ``restore=False``,
+    ``stop=False``) pass ``co_guard=False`` and give the Trainer your own monitor.
 
     Defaults (PreActResNet-18, CIFAR-10): Linf eps 8/255, alpha 10/255 (``step_size=None``
     means 1.25 eps, so it follows eps), 15 epochs at batch 128, SGD momentum 0.9, weight decay
@@ -65,10 +72,13 @@ class FastAT(AdversarialModule):
     * Mixed precision: bf16 autocast in our configs; the official code uses apex O2 fp16 with
       a static loss scale of 1.
 
-    Checkpoints carry the guard's state (previous accuracy and kept weights), so a resumed run
-    compares against the right epoch; the kept batch is not saved, so an epoch resumed in its
-    middle skips its check. With ``min_epochs``/``min_steps`` not yet reached, Lightning ignores
-    the stop request and training goes on from the restored weights.
+    Checkpoints carry the guard's state (the monitor's ``state_dict`` under
+    ``checkpoint["callbacks"]``: previous accuracy, kept weights, stopped epoch), so a run
+    resumed with ``Trainer.fit(ckpt_path=...)`` compares against the right epoch;
+    ``load_from_checkpoint`` alone restores no callback state. The kept batch is not saved,
+    so an epoch resumed in its middle skips its check. With ``min_epochs``/``min_steps`` not
+    yet reached, Lightning ignores the stop request and training goes on from the restored
+    weights.
     """
 
     def __init__(
@@ -84,17 +94,14 @@ class FastAT(AdversarialModule):
         if step_size is None and eps > 0:
             step_size = 1.25 * eps
         super().__init__(model, eps=eps, step_size=step_size, **kwargs)
-        if not 0 < co_drop <= 1:
-            raise ValueError(f"co_drop must be in (0, 1], got {co_drop}")
         self.attack = FGSM(self.eps, self.step_size, self.norm, random_start=True, bn_mode=self.attack_bn_mode)
-        if int(co_check_steps) != co_check_steps or co_check_steps < 1:
-            raise ValueError(f"co_check_steps must be an integer >= 1, got {co_check_steps}")
-        self.co_check_attack = PGD(self.eps, int(co_check_steps), self.eps / 4, self.norm, random_start=True)
+        try:  # validated even with the guard off; the monitor's messages start with the argument's name
+            monitor = CatastrophicOverfittingMonitor(drop=co_drop, check_steps=co_check_steps)
+        except ValueError as err:
+            raise ValueError(f"co_{err}") from None
         self.co_guard, self.co_drop = co_guard, co_drop
-        self.co_stopped_epoch: Optional[int] = None  #: the epoch whose check found a collapse
-        self._co_batch: Optional[tuple[Tensor, Tensor]] = None
-        self._co_prev_acc = 0.0  # as in the official code, so the first check always passes
-        self._co_kept: Optional[dict[str, Tensor]] = None  # CPU copy of the weights that passed
+        #: the guard (one object for the module's lifetime, so a second ``fit`` continues its comparison)
+        self.co_monitor: Optional[CatastrophicOverfittingMonitor] = monitor if co_guard else None
 
     def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
         logits = self.model(x_adv)
@@ -112,61 +119,16 @@ class FastAT(AdversarialModule):
 
     # --- catastrophic-overfitting guard ----------------------------------------------------
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        if self.co_guard and batch_idx == 0:
-            x, y = batch
-            self._co_batch = (x.detach().clone(), y.detach().clone())
+    def configure_callbacks(self) -> list[Callback]:
+        """The guard, when ``co_guard``: it replaces a user's ``CatastrophicOverfittingMonitor`` (Lightning's rule)."""
+        inherited = super().configure_callbacks()
+        callbacks = [inherited] if isinstance(inherited, Callback) else list(inherited)
+        return callbacks if self.co_monitor is None else [*callbacks, self.co_monitor]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if batch_idx + 1 == self.trainer.num_training_batches:
-            self.check_catastrophic_overfitting()
-
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        self.check_catastrophic_overfitting()  # only if the last batch did not already
-
-    def co_check_accuracy(self, x: Tensor, y: Tensor) -> float:
-        """PGD accuracy on the kept batch, pooled over DDP ranks (the same value on every rank)."""
-        correct = self.co_check_attack.run(self.model, x, y).predictions == y
-        counts = torch.stack([correct.sum(), torch.tensor(correct.numel(), device=correct.device)]).float()
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        return float(counts[0] / counts[1])  # one host sync per epoch
-
-    def check_catastrophic_overfitting(self) -> None:
-        """Runs the epoch's check once; on a collapse restores the previous weights and stops."""
-        if not self.co_guard or self._co_batch is None:
-            return
-        x, y = self._co_batch
-        self._co_batch = None
-        acc = self.co_check_accuracy(x, y)
-        self.log("train/co_check_acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
-        if self._co_kept is not None and acc < self._co_prev_acc - self.co_drop:
-            self.model.load_state_dict(self._co_kept)
-            torch.clear_autocast_cache()
-            self.co_stopped_epoch = self.current_epoch
-            self.trainer.should_stop = True
-            rank_zero_warn(
-                f"FastAT: catastrophic overfitting at epoch {self.current_epoch}: PGD accuracy on the epoch's first "
-                f"training batch fell from {self._co_prev_acc:.3f} to {acc:.3f} (more than co_drop={self.co_drop}); "
-                "restored the previous epoch's weights and stopped training"
-            )
-            return
-        self._co_prev_acc = acc
-        self._co_kept = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["fast_at_co_guard"] = {"prev_acc": self._co_prev_acc, "kept": self._co_kept,
-                                          "stopped_epoch": self.co_stopped_epoch}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("fast_at_co_guard")
-        if state is not None:
-            self._co_prev_acc, self._co_kept = state["prev_acc"], state["kept"]
-            self.co_stopped_epoch = state["stopped_epoch"]
+    @property
+    def co_stopped_epoch(self) -> Optional[int]:
+        """The epoch whose guard check found a collapse and stopped training (None: it did not, or no guard)."""
+        return None if self.co_monitor is None else self.co_monitor.stopped_epoch
 
 
 def cyclic_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:

@@ -1,7 +1,9 @@
 """Two-process CPU DDP run of PGDAT, driven by tests/test_ddp.py.
 
-Usage: ``python tests/helpers/ddp_fit.py OUT_DIR [awp]``; with ``awp`` the run adds adversarial
-weight perturbation (gamma 0.01) and gradient accumulation over 2 batches. Lightning's ``ddp`` strategy re-launches
+Usage: ``python tests/helpers/ddp_fit.py OUT_DIR [awp|callbacks]``; with ``awp`` the run adds
+adversarial weight perturbation (gamma 0.01) and gradient accumulation over 2 batches; with
+``callbacks`` it trains under FOSCSchedule, EpsilonSchedule and EMA, and records the attack
+settings each rank used at every step. Lightning's ``ddp`` strategy re-launches
 this very script (same argv, rank in the environment) for rank 1, so it must run as a
 standalone program, never inside pytest.
 
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from lit_robust.callbacks import EMA, EpsilonSchedule, FOSCSchedule
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses.pgd_at import PGDAT
 from lit_robust.models import SmallCNN
@@ -54,6 +57,11 @@ class CountingPGDAT(PGDAT):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.local_correct, self.local_count = 0, 0
+        self.attack_settings: list[tuple] = []
+
+    def training_step(self, batch, batch_idx):
+        self.attack_settings.append((self.current_epoch, self.attack.eps, self.attack.fosc_threshold))
+        return super().training_step(batch, batch_idx)
 
     def on_validation_epoch_start(self) -> None:
         self.local_correct, self.local_count = 0, 0
@@ -65,7 +73,9 @@ class CountingPGDAT(PGDAT):
         super()._log_correct(name, correct)
 
 
-def main(out_dir: Path, awp: bool) -> None:
+def main(out_dir: Path, mode: str) -> None:
+    awp = mode == "awp"
+    callbacks = [FOSCSchedule(c_max=0.5, dynamic_epochs=2), EpsilonSchedule(ramp_epochs=1), EMA(decay=0.9)]
     torch.set_num_threads(1)  # two ranks on a small machine
     L.seed_everything(0, workers=True)
     model = CountingPGDAT(SmallCNN(width=8), eps=0.2, steps=3, step_size=0.1, val_attack_steps=3,
@@ -85,6 +95,7 @@ def main(out_dir: Path, awp: bool) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=callbacks if mode == "callbacks" else None,
     )
     trainer.fit(model, datamodule=data)
     trainer.validate(model, datamodule=data, verbose=False)
@@ -106,12 +117,13 @@ def main(out_dir: Path, awp: bool) -> None:
     }
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     result["max_param_change"] = float((params - initial).abs().max())
+    result["attack_settings"] = model.attack_settings
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=2))
     torch.save(params, out_dir / f"rank{rank}_params.pt")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["awp"]):
-        sys.exit("usage: ddp_fit.py OUT_DIR [awp]")
-    main(Path(sys.argv[1]).resolve(), awp=sys.argv[2:] == ["awp"])
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["awp"], ["callbacks"]):
+        sys.exit("usage: ddp_fit.py OUT_DIR [awp|callbacks]")
+    main(Path(sys.argv[1]).resolve(), mode=(sys.argv[2:] or ["plain"])[0])
