@@ -13,6 +13,16 @@ def _seed_and_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """DataModules download by default; a test that would reach a server fails instead (tests fake it)."""
+    def refuse(url, *args, **kwargs):
+        raise RuntimeError(f"tests must not use the network (tried {url}); pass download=False or fake the server")
+
+    monkeypatch.setattr("torchvision.datasets.utils._urlretrieve", refuse)
+    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", lambda url, max_hops=3: refuse(url))
+
+
 @pytest.fixture
 def tiny_cnn() -> nn.Module:
     """A SmallCNN with BatchNorm, small enough for exact per-example checks."""

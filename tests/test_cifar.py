@@ -1,24 +1,23 @@
 """CIFAR10DataModule on small files written in CIFAR-10's real on-disk format (python pickles + tar.gz)."""
 
-import hashlib
 import pickle
 import tarfile
 from pathlib import Path
 
+import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
 from torchvision import datasets
+from fake_server import md5, serve
 
 from lit_robust.cli import main
-from lit_robust.datamodules import CIFAR10DataModule
+from lit_robust.datamodules import CIFAR10DataModule, CIFAR100DataModule
+from lit_robust.defenses import PGDAT
+from lit_robust.models import CIFAR10_MEAN, CIFAR10_STD, SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_BATCH, N_TEST = 40, 50
-
-
-def _md5(path):
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 def _write_fake_cifar(folder: Path):
@@ -41,9 +40,9 @@ def fake_cifar(tmp_path, monkeypatch):
     folder = tmp_path / "data" / datasets.CIFAR10.base_folder
     raw = _write_fake_cifar(folder)
     cls = datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / "batches.meta")})
+    monkeypatch.setattr(cls, "train_list", [[n, md5(folder / n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5(folder / n)] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
     return tmp_path / "data", raw
 
 
@@ -55,24 +54,27 @@ def test_splits_follow_rice_validation_split_and_raw_pixels(fake_cifar):
     n_train = 5 * PER_BATCH
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": n_train - 20, "val": 20, "test": N_TEST}
     train_pixels = np.concatenate([raw[f"data_batch_{i}"]["data"] for i in range(1, 6)])
-    train_labels = sum((raw[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
-    val_idx = np.random.RandomState(0).permutation(n_train)[:20]  # generate_validation.py's recipe
+    train_labels = np.array(sum((raw[f"data_batch_{i}"]["labels"] for i in range(1, 6)), []))
+    order = np.random.RandomState(0).permutation(n_train)  # generate_validation.py's recipe
+    val_idx, train_idx = order[:20], np.sort(order[20:])
     x, y = dm.splits["val"][3]
     assert torch.allclose(x, torch.tensor(train_pixels[val_idx[3]].reshape(3, 32, 32) / 255.0, dtype=torch.float32))
     assert y == train_labels[val_idx[3]]
-    assert set(dm.splits["train"].indices).isdisjoint(val_idx.tolist())
+    images, labels = dm.arrays["train"]
+    assert torch.equal(images, torch.from_numpy(train_pixels[train_idx].reshape(-1, 3, 32, 32)))
+    assert torch.equal(labels, torch.from_numpy(train_labels[train_idx]))
     xt, yt = dm.splits["test"][0]
     assert torch.allclose(xt, torch.tensor(raw["test_batch"]["data"][0].reshape(3, 32, 32) / 255.0, dtype=torch.float32))
     xb, yb = next(iter(dm.train_dataloader()))
-    assert xb.shape == (8, 3, 32, 32) and xb.min() >= 0 and xb.max() <= 1 and yb.dtype == torch.long
+    assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.float32 and xb.min() >= 0 and xb.max() <= 1
+    assert yb.dtype == torch.long
 
 
 def test_training_augmentation_is_reflect_pad_crop_and_flip(fake_cifar):
     data_dir, _ = fake_cifar
     dm = CIFAR10DataModule(str(data_dir), val_size=20, num_workers=0)
     dm.setup()
-    index = dm.splits["train"].indices[0]
-    plain = dm.splits["val"].dataset[index][0]
+    plain = dm.arrays["train"][0][0].float() / 255
     torch.manual_seed(0)
     views = [dm.splits["train"][0][0] for _ in range(16)]
     assert any(not torch.equal(v, plain) for v in views)
@@ -80,6 +82,45 @@ def test_training_augmentation_is_reflect_pad_crop_and_flip(fake_cifar):
     for v in views:  # every view is a 32x32 window of the reflect-padded image, possibly mirrored
         windows = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
         assert any(torch.allclose(v, w) or torch.allclose(v, w.flip(-1)) for w in windows)
+    unaugmented = CIFAR10DataModule(str(data_dir), val_size=20, augment=False)
+    unaugmented.setup()
+    assert torch.equal(unaugmented.splits["train"][0][0], plain)
+
+
+def _write_fake_cifar100(folder: Path):
+    """CIFAR-100's archive: ``train`` and ``test`` pickles with fine and coarse labels, and ``meta``."""
+    rng = np.random.RandomState(1)
+    folder.mkdir(parents=True)
+    raw = {}
+    for name, n in [("train", 60), ("test", 30)]:
+        entry = {"data": rng.randint(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": rng.randint(0, 100, n).tolist(),
+                 "coarse_labels": rng.randint(0, 20, n).tolist(), "filenames": [f"{name}_{i}.png" for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(entry))
+        raw[name] = entry
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)],
+                                                "coarse_label_names": [f"s{i}" for i in range(20)]}))
+    return raw
+
+
+def test_cifar100_fine_labels(tmp_path, monkeypatch):
+    cls = datasets.CIFAR100
+    folder = tmp_path / cls.base_folder
+    raw = _write_fake_cifar100(folder)
+    monkeypatch.setattr(cls, "train_list", [["train", md5(folder / "train")]])
+    monkeypatch.setattr(cls, "test_list", [["test", md5(folder / "test")]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "meta")})
+    dm = CIFAR100DataModule(str(tmp_path), val_size=10, num_workers=0)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.num_classes == 100 and {k: len(v) for k, v in dm.splits.items()} == {"train": 50, "val": 10, "test": 30}
+    x, y = dm.splits["test"][5]
+    assert y == raw["test"]["fine_labels"][5]
+    assert torch.allclose(x, torch.tensor(raw["test"]["data"][5].reshape(3, 32, 32) / 255.0, dtype=torch.float32))
+    module = PGDAT(SmallCNN(3, 100, 32, 4, CIFAR10_MEAN, CIFAR10_STD), steps=1, val_attack_steps=1, test_attack_steps=1)
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, dm)
+    assert 0 <= trainer.test(module, dm, verbose=False)[0]["test/robust_acc"] <= 1
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
@@ -91,8 +132,10 @@ def test_bad_files_are_named_with_their_checksum(fake_cifar, damage):
         path.write_bytes(path.read_bytes()[:-10])
     else:
         path.unlink()
-    with pytest.raises(FileNotFoundError, match=rf"data_batch_3 is {damage} \(expected MD5 {expected_md5}\)"):
-        CIFAR10DataModule(str(data_dir)).prepare_data()
+    message = rf"data_batch_3 is corrupt: MD5 \w+, expected {expected_md5}" if damage == "corrupt" else \
+        rf"data_batch_3 is missing \(expected MD5 {expected_md5}\)"
+    with pytest.raises(FileNotFoundError, match=message):
+        CIFAR10DataModule(str(data_dir), download=False).prepare_data()
 
 
 def test_download_goes_through_torchvision_archive_check(tmp_path, monkeypatch):
@@ -104,18 +147,11 @@ def test_download_goes_through_torchvision_archive_check(tmp_path, monkeypatch):
         tar.add(source / datasets.CIFAR10.base_folder, arcname=datasets.CIFAR10.base_folder)
     folder = source / datasets.CIFAR10.base_folder
     cls = datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / "batches.meta")})
-    monkeypatch.setattr(cls, "tgz_md5", _md5(archive))
-    fetched = []
-
-    def fake_urlretrieve(url, filename, *args, **kwargs):
-        fetched.append(url)
-        Path(filename).write_bytes(archive.read_bytes())
-
-    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", lambda url, max_hops: url)
-    monkeypatch.setattr("torchvision.datasets.utils._urlretrieve", fake_urlretrieve)
+    monkeypatch.setattr(cls, "train_list", [[n, md5(folder / n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5(folder / n)] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
+    monkeypatch.setattr(cls, "tgz_md5", md5(archive))
+    fetched = serve(monkeypatch, archive)
     dm = CIFAR10DataModule(str(tmp_path / "data"), download=True, val_size=20, num_workers=0)
     dm.prepare_data()
     dm.setup()

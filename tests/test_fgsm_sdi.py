@@ -1,7 +1,6 @@
 """FGSM-SDI (Jia et al., IEEE TIP 2022): the generator, the SDI adversarial batch, the paper's
 label smoothing, the alternating schedule of the two optimizers, checkpoints, and digits."""
 
-import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F

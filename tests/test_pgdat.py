@@ -1,6 +1,5 @@
 """PGDAT and the AdversarialModule plumbing inside a real Trainer (CPU, tiny model, digits)."""
 
-import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +8,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from digits_bench import quiet_trainer as _trainer
 
-from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses import PGDAT, TrainingOutput
 from lit_robust.models import SmallCNN
 

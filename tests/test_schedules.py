@@ -7,7 +7,7 @@ from digits_bench import EPS, RecordingPGDAT, sgd, training_only_trainer
 
 from lit_robust.attacks import PGD
 from lit_robust.callbacks.schedules import AttackStepsSchedule, EpsilonSchedule, ramp
-from lit_robust.defenses import PGDAT, FreeAT
+from lit_robust.defenses import FreeAT
 from lit_robust.models import SmallCNN
 
 

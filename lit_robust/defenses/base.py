@@ -223,14 +223,14 @@ class AdversarialModule(L.LightningModule):
 
     # --- evaluation ------------------------------------------------------------------------
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val", self.val_attack)
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, "val", self.val_attack, dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test", self.test_attack)
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, "test", self.test_attack, dataloader_idx)
 
-    def _evaluate(self, batch: Any, batch_idx: int, stage: str, attack: PGD) -> None:
-        x, y = batch
+    def _evaluate(self, batch: Any, batch_idx: int, stage: str, attack: PGD, dataloader_idx: int = 0) -> None:
+        x, y = batch[0], batch[1]  # evaluation batches may carry more (CIFAR-10-C: corruption, severity)
         if batch_idx == 0:
             check_pixel_range(x)
         # validate/test run under inference mode by default; attacks need gradients, and
@@ -248,20 +248,28 @@ class AdversarialModule(L.LightningModule):
                     correct["test/autoattack_acc"] = self.model(x_aa).argmax(1) == y
                 correct["test/worst_case_acc"] = correct["test/autoattack_acc"] & correct["test/robust_acc"]
         for name, value in correct.items():
-            self._log_correct(name, value)
+            self._log_correct(name, value, dataloader_idx)
 
     def _log_accuracy(self, name: str, logits: Tensor, y: Tensor) -> None:
         self._log_correct(name, logits.detach().argmax(1) == y)
 
-    def _log_correct(self, name: str, correct: Tensor) -> None:
-        self._log_mean(name, correct.float())
+    def _log_correct(self, name: str, correct: Tensor, dataloader_idx: int = 0) -> None:
+        self._log_mean(name, correct.float(), dataloader_idx)
 
-    def _log_mean(self, name: str, values: Tensor) -> None:
-        """Logs the epoch mean of per-example ``values`` (a torchmetrics MeanMetric: exact under DDP)."""
-        metric = self.metrics[name.replace("/", "_")]
+    def _log_mean(self, name: str, values: Tensor, dataloader_idx: int = 0) -> None:
+        """Logs the epoch mean of per-example ``values`` (a torchmetrics MeanMetric: exact under DDP).
+
+        Each evaluation dataloader gets its own metric (Lightning then suffixes the logged
+        name with ``/dataloader_idx_N``).
+        """
+        key = name.replace("/", "_") + (f"_dataloader{dataloader_idx}" if dataloader_idx else "")
+        if key not in self.metrics:
+            self.metrics[key] = MeanMetric().to(self.device)
+        metric = self.metrics[key]
         metric.update(values)
+        # metric_attribute: Lightning indexes the module's metrics once, before later ones exist.
         self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith("robust_acc"),
-                 batch_size=values.shape[0])
+                 batch_size=values.shape[0], metric_attribute=f"metrics.{key}")
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Callbacks every defense needs: :class:`~lit_robust.callbacks.ExactResume`."""

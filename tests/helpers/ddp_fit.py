@@ -66,11 +66,11 @@ class CountingPGDAT(PGDAT):
     def on_validation_epoch_start(self) -> None:
         self.local_correct, self.local_count = 0, 0
 
-    def _log_correct(self, name: str, correct: Tensor) -> None:
+    def _log_correct(self, name: str, correct: Tensor, dataloader_idx: int = 0) -> None:
         if name == METRIC:
             self.local_correct += int(correct.sum())
             self.local_count += int(correct.numel())
-        super()._log_correct(name, correct)
+        super()._log_correct(name, correct, dataloader_idx)
 
 
 def main(out_dir: Path, mode: str) -> None:
