@@ -5,13 +5,21 @@ A ``LightningCLI`` over every ``AdversarialModule`` and every ``LightningDataMod
 runs ``trainer.test`` right after ``fit`` and prints a summary line. It tests the best
 checkpoint when a ``ModelCheckpoint`` monitors a validation metric (selection on the
 held-out validation split, as Rice et al. recommend), else the final weights.
+
+``lit-robust evaluate --config <run's config.yaml> --ckpt <checkpoint> --out <folder>`` runs
+the full evaluation (:func:`lit_robust.evaluation.evaluate`) on the run's test split and
+writes the report; ``--export <folder>`` also writes the classifier as plain PyTorch.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import argparse
+import sys
+from typing import Any, Optional
 
 import lightning.pytorch as L
+import torch
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_robust.defenses.base import AdversarialModule
@@ -45,8 +53,11 @@ def print_summary(trainer: L.Trainer) -> None:
         print("lit_robust summary: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(found.items())))
 
 
-def main(args: Optional[list[str]] = None, run: bool = True) -> RobustCLI:
+def main(args: Optional[list[str]] = None, run: bool = True) -> Any:
     """Runs the CLI; ``run=False`` only parses ``args`` and instantiates the trainer, model and data."""
+    args = sys.argv[1:] if args is None else args
+    if args[:1] == ["evaluate"]:
+        return evaluate_command(args[1:])
     return RobustCLI(
         AdversarialModule,
         L.LightningDataModule,
@@ -56,6 +67,66 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> RobustCLI:
         run=run,
         save_config_kwargs={"overwrite": True},
     )
+
+
+# Keys a saved config.yaml holds for its subcommand (fit/test), not for instantiating the objects.
+_SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "test_after_fit")
+
+
+def evaluate_command(args: list[str]) -> dict:
+    """``lit-robust evaluate``: load a run's model and data from its config, its weights from a checkpoint."""
+    from lit_robust.datamodules import CIFAR10CDataModule, CIFAR100CDataModule
+    from lit_robust.evaluation import TIERS, evaluate
+    from lit_robust.evaluation.export import classifier_state_dict, export_classifier
+
+    parser = argparse.ArgumentParser(prog="lit-robust evaluate", description=evaluate_command.__doc__)
+    parser.add_argument("--config", required=True, help="the run's config.yaml (lightning_logs/version_N/)")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint of that run")
+    parser.add_argument("--out", default="evaluation", help="folder for report.json, report.md and the plots")
+    parser.add_argument("--data_dir", help="override the config's data.init_args.data_dir")
+    parser.add_argument("--eps", type=float, help="default: the model's training eps")
+    parser.add_argument("--norm", choices=("linf", "l2"), help="default: the model's training norm")
+    parser.add_argument("--tiers", nargs="+", choices=TIERS, default=list(TIERS))
+    parser.add_argument("--n_examples", type=int, help="the first n test examples (default: all, as RobustBench)")
+    parser.add_argument("--subset_seed", type=int, help="a seeded random subset of n_examples instead")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--sanity_examples", type=int, default=500, help="0 skips the sanity checks and eps curve")
+    parser.add_argument("--cifar_c", metavar="DIR", help="also measure CIFAR-10-C (CIFAR-100-C for 100 classes)")
+    parser.add_argument("--export", metavar="DIR", help="also write the classifier as plain PyTorch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opts = parser.parse_args(args)
+
+    with open(opts.config) as f:
+        config = {k: v for k, v in yaml.safe_load(f).items() if k not in _SUBCOMMAND_KEYS}
+    if opts.data_dir is not None:
+        config["data"].setdefault("init_args", {})["data_dir"] = opts.data_dir
+    cli = main(["--config", yaml.safe_dump(config)], run=False)
+    module, data = cli.model, cli.datamodule
+    model = module.model
+    model.load_state_dict(classifier_state_dict(opts.ckpt))
+    model.to(opts.device)
+    data.prepare_data()
+    data.setup("test")
+    corruptions = None
+    if opts.cifar_c is not None:
+        cls = CIFAR100CDataModule if getattr(data, "num_classes", 10) == 100 else CIFAR10CDataModule
+        corruptions = cls(opts.cifar_c, batch_size=opts.batch_size)
+    results = evaluate(model, data.test_dataloader(), opts.out, eps=opts.eps or module.eps, norm=opts.norm or module.norm,
+                       tiers=opts.tiers, n_examples=opts.n_examples, subset_seed=opts.subset_seed, seed=opts.seed,
+                       batch_size=opts.batch_size, device=opts.device, sanity_examples=opts.sanity_examples,
+                       corruptions=corruptions, metadata={"checkpoint": opts.ckpt, "config": opts.config,
+                                                          "command": "lit-robust evaluate " + " ".join(args)})
+    if opts.export is not None:
+        example = next(iter(data.test_dataloader()))[0][:2]
+        results["files"].update(export_classifier(model, example, opts.export))
+    accuracy = results["robustness"]["accuracy"]
+    print("lit_robust evaluation: " + "  ".join(f"{k}={v:.4f}" for k, v in accuracy.items()))
+    for check in results["sanity"] or []:
+        print(f"  sanity {check['status']}: {check['name']}: {check['message']}")
+    for name, path in results["files"].items():
+        print(f"  wrote {name}: {path}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The command line the README uses: config parsing, fit + test_after_fit, test from a checkpoint."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lit_robust.cli import main
+from lit_robust.evaluation import load_exported
 from lit_robust.defenses import PGDAT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +44,26 @@ def test_train_py_uses_the_same_cli():
     assert "class_path: lit_robust.defenses.PGDAT" in out.stdout
     assert "class_path: lit_robust.datamodules.DigitsDataModule" in out.stdout
     assert "test_after_fit: true" in out.stdout
+
+
+def test_evaluate_command_reports_and_exports_a_trained_checkpoint(tmp_path, capsys):
+    """``lit-robust evaluate``: the run's config and checkpoint in, report files and a plain-PyTorch model out."""
+    cli = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}", *FAST])
+    log_dir = Path(cli.trainer.log_dir)
+    ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
+    capsys.readouterr()
+    results = main(["evaluate", "--config", str(log_dir / "config.yaml"), "--ckpt", str(ckpt), "--out",
+                    str(tmp_path / "report"), "--tiers", "pgd", "apgd", "--n_examples", "48", "--sanity_examples", "24",
+                    "--export", str(tmp_path / "export")])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    accuracy = report["robustness"]["accuracy"]
+    assert report["robustness"]["eps"] == pytest.approx(0.2) and report["robustness"]["n_examples"] == 48
+    assert set(accuracy) == {"clean", "pgd", "apgd-ce", "apgd-t", "worst_case"}
+    assert accuracy["worst_case"] <= min(accuracy["pgd"], accuracy["apgd-ce"], accuracy["apgd-t"]) <= accuracy["clean"]
+    assert {c["name"] for c in report["sanity"]} >= {"deterministic_eval", "iterative_beats_single_step"}
+    assert (tmp_path / "report" / "robust_accuracy_vs_eps.png").stat().st_size > 0
+    assert "lit_robust evaluation: clean=" in capsys.readouterr().out
+    # the exported classifier reproduces the checkpoint's test accuracy
+    x, y = cli.datamodule.splits["test"].tensors
+    exported = load_exported(results["files"]["program"])
+    assert (exported(x[:48]).argmax(1) == y[:48]).float().mean().item() == pytest.approx(accuracy["clean"])

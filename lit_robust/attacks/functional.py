@@ -152,3 +152,13 @@ def loss_and_input_grad(
     losses = loss_fn(logits, y)
     (grad,) = torch.autograd.grad(losses.sum(), delta)
     return losses.detach(), logits.detach(), grad
+
+
+def check_pixel_range(x: Tensor) -> None:
+    """Raises if a batch is not made of [0, 1] images (a silent wrong threat model otherwise)."""
+    lo, hi = torch.aminmax(x.detach())
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"inputs must be images in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]; "
+            "normalise inside the model (lit_robust.models.Normalize), not in the data pipeline"
+        )

@@ -27,11 +27,13 @@ from torchmetrics import MeanMetric
 
 from lit_robust.attacks import PGD, AttackResult
 from lit_robust.callbacks.exact_resume import ExactResume
-from lit_robust.attacks.functional import check_norm
+from lit_robust.attacks.functional import check_norm, check_pixel_range
 from lit_robust.attacks.pgd import BN_MODES
 from lit_robust.defenses.awp import WeightPerturbation
-from lit_robust.evaluation.autoattack import autoattack
+from lit_robust.evaluation.tiers import attack_batch
 
+_TEST_NAMES = {"clean": "clean_acc", "pgd": "robust_acc", "apgd-ce": "apgd_ce_acc", "apgd-t": "apgd_t_acc",
+               "autoattack": "autoattack_acc", "worst_case": "worst_case_acc"}
 _METRICS = ("train/adv_acc", "train/clean_acc", "val/clean_acc", "val/robust_acc", "test/clean_acc",
             "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc", "train/fosc_mean",
             "train/attack_steps")
@@ -44,16 +46,6 @@ class TrainingOutput:
     loss: Tensor
     adv_logits: Optional[Tensor] = None  #: logits on the adversarial batch (``train/adv_acc``)
     clean_logits: Optional[Tensor] = None  #: given when the defense computed them anyway (``train/clean_acc``)
-
-
-def check_pixel_range(x: Tensor) -> None:
-    """Raises if a batch is not made of [0, 1] images (a silent wrong threat model otherwise)."""
-    lo, hi = torch.aminmax(x.detach())
-    if lo < 0 or hi > 1:
-        raise ValueError(
-            f"inputs must be images in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]; "
-            "normalise inside the model (lit_robust.models.Normalize), not in the data pipeline"
-        )
 
 
 class AdversarialModule(L.LightningModule):
@@ -81,6 +73,10 @@ class AdversarialModule(L.LightningModule):
         val_attack_steps, test_attack_steps: PGD iterations of the evaluation attacks (step
             ``2.5 * eps / steps``, random start, CE, eval mode).
         test_autoattack: also run the reference AutoAttack in ``test`` (slow; RobustBench's protocol).
+        test_apgd: also run APGD-CE and APGD-T (the reference code's; ``test/apgd_ce_acc``,
+            ``test/apgd_t_acc``). ``test`` runs the tiers of ``lit_robust.evaluation.tiers`` in fp32,
+            eval mode, with frozen weights; ``test/robust_acc`` is PGD's and ``test/worst_case_acc``
+            the per-example worst case over every attack run (when more than one ran).
         autoattack_version: ``"standard"`` for deterministic models, ``"rand"`` for randomised ones.
         label_smoothing: torch's convention (target ``1 - s + s/C`` on the true class, ``s/C``
             elsewhere) for the outer cross-entropy of defenses that use ``self.cross_entropy``.
@@ -104,6 +100,7 @@ class AdversarialModule(L.LightningModule):
         val_attack_steps: int = 10,
         test_attack_steps: int = 20,
         test_autoattack: bool = False,
+        test_apgd: bool = False,
         autoattack_version: Literal["standard", "plus", "rand"] = "standard",
         label_smoothing: float = 0.0,
         awp_gamma: float = 0.0,
@@ -123,7 +120,7 @@ class AdversarialModule(L.LightningModule):
         self.eps, self.norm = float(eps), check_norm(norm)
         self.steps, self.step_size = steps, step_size
         self.attack_bn_mode = attack_bn_mode
-        self.test_autoattack, self.autoattack_version = test_autoattack, autoattack_version
+        self.test_autoattack, self.test_apgd, self.autoattack_version = test_autoattack, test_apgd, autoattack_version
         self.label_smoothing = label_smoothing
         self.awp = WeightPerturbation(awp_gamma) if awp_gamma > 0 else None
         self.awp_warmup_epochs = awp_warmup_epochs
@@ -224,29 +221,33 @@ class AdversarialModule(L.LightningModule):
     # --- evaluation ------------------------------------------------------------------------
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, "val", self.val_attack, dataloader_idx)
+        self._evaluate(batch, batch_idx, "val", dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, "test", self.test_attack, dataloader_idx)
+        self._evaluate(batch, batch_idx, "test", dataloader_idx)
 
-    def _evaluate(self, batch: Any, batch_idx: int, stage: str, attack: PGD, dataloader_idx: int = 0) -> None:
+    def test_tiers(self) -> tuple[str, ...]:
+        """The evaluation tiers ``test`` runs: PGD, plus APGD and AutoAttack when asked for."""
+        return ("pgd",) + ("apgd",) * self.test_apgd + ("autoattack",) * self.test_autoattack
+
+    def _evaluate(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
         x, y = batch[0], batch[1]  # evaluation batches may carry more (CIFAR-10-C: corruption, severity)
         if batch_idx == 0:
             check_pixel_range(x)
         # validate/test run under inference mode by default; attacks need gradients, and
         # cross_entropy saves its target for backward, so both x and y are cloned out of it.
         # Metrics are updated outside that block: their states may be inference tensors.
-        correct = {}
         with torch.inference_mode(False), torch.enable_grad():
             x, y = x.clone(), y.clone()
-            with torch.no_grad():
-                correct[f"{stage}/clean_acc"] = self.model(x).argmax(1) == y
-            correct[f"{stage}/robust_acc"] = attack.run(self.model, x, y).predictions == y
-            if stage == "test" and self.test_autoattack:
-                x_aa = autoattack(self.model, x, y, self.eps, self.norm, self.autoattack_version)
+            if stage == "test":  # the evaluation tiers: fp32, eval mode, frozen weights, per-example worst case
+                tiers = self.test_tiers()
+                found = attack_batch(self.model, x, y, self.eps, self.norm, tiers, self.test_attack.steps,
+                                     self.test_attack.restarts, autoattack_version=self.autoattack_version)
+                correct = {f"test/{_TEST_NAMES[k]}": v for k, v in found.items() if k != "worst_case" or len(tiers) > 1}
+            else:
                 with torch.no_grad():
-                    correct["test/autoattack_acc"] = self.model(x_aa).argmax(1) == y
-                correct["test/worst_case_acc"] = correct["test/autoattack_acc"] & correct["test/robust_acc"]
+                    correct = {"val/clean_acc": self.model(x).argmax(1) == y}
+                correct["val/robust_acc"] = self.val_attack.run(self.model, x, y).predictions == y
         for name, value in correct.items():
             self._log_correct(name, value, dataloader_idx)
 
