@@ -179,3 +179,10 @@ def test_nonfinite_loss_stops_training_naming_the_first_step(tmp_path, digits, l
         trainer.fit(model, digits)
     # detected at once when checked every step, otherwise by the end of the epoch at the latest
     assert trainer.global_step <= (4 if log_every == 1 else 6)
+
+
+def test_default_schedule_needs_a_finite_run(tmp_path, digits):
+    """The default lr milestones are fractions of the run: an endless run is refused with a clear error."""
+    module = PGDAT(SmallCNN(width=4), eps=0.2, steps=1)
+    with pytest.raises(ValueError, match="finite training length"):
+        _trainer(tmp_path, max_epochs=-1, max_steps=-1, limit_val_batches=0).fit(module, digits)

@@ -293,7 +293,7 @@ class AdversarialModule(L.LightningModule):
 
     def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> tuple[Any, str]:
         """The paper's schedule and its interval; here x0.1 at 50% and 75% of the training steps."""
-        total = self.trainer.estimated_stepping_batches
+        total = finite_total(self.trainer.estimated_stepping_batches)
         milestones = [int(total * 0.5), int(total * 0.75)]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1), "step"
 
@@ -302,3 +302,10 @@ def _named(value: int, name: str) -> int:
     if int(value) != value or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value}")
     return int(value)
+
+
+def finite_total(steps: float) -> int:
+    """``trainer.estimated_stepping_batches`` for a schedule that needs the training length."""
+    if steps == float("inf"):
+        raise ValueError("this schedule needs a finite training length: set max_epochs or max_steps")
+    return int(steps)

@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lit_robust.attacks import FGSM
 from lit_robust.callbacks.catastrophic_overfitting import CatastrophicOverfittingMonitor
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total
 
 
 class FastAT(AdversarialModule):
@@ -139,10 +139,3 @@ def cyclic_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
     """
     half = total_steps / 2
     return LambdaLR(optimizer, lambda step: max(0.0, 1.0 - abs(step - half) / half))
-
-
-def finite_total(steps: float) -> int:
-    """``trainer.estimated_stepping_batches`` for a schedule that needs the training length."""
-    if steps == float("inf"):
-        raise ValueError("this schedule needs a finite training length: set max_epochs or max_steps")
-    return int(steps)

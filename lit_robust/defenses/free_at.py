@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range
-from lit_robust.defenses.fast_at import finite_total
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range, finite_total
 
 
 class FreeAT(AdversarialModule):
