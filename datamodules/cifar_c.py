@@ -80,7 +80,7 @@ class WithCorruption:
             yield x, targets[:, 0], targets[:, 1], targets[:, 2]
 
 
-class CIFAR10CDataModule(SplitDataModule):
+class CIFAR10CDataModule(files.ArchiveDataset, SplitDataModule):
     """CIFAR-10-C as [0, 1] tensors ``[B, 3, 32, 32]``, for ``trainer.test`` only.
 
     Files: ``data_dir/CIFAR-10-C/`` as the release unpacks it: ``labels.npy`` (``[5 * N]``)
@@ -150,21 +150,8 @@ class CIFAR10CDataModule(SplitDataModule):
         self.test_names = [f"{self.corruptions[c]}/{s}" for c, s in self.pairs]
         self.labels: Optional[Tensor] = None
 
-    @property
-    def root(self) -> Path:
-        return Path(self.data_dir) / self.base_folder
-
     def _files(self) -> list[Path]:
         return [self.root / f"{name}.npy" for name in self.corruptions]
-
-    def _hint(self) -> str:
-        return (f"pass download=True, or extract {self.filename} (MD5 {self.md5}, from {self.url}) into "
-                f"{self.data_dir}")
-
-    # --- files -----------------------------------------------------------------------------
-
-    def download(self) -> None:
-        files.download_unless_complete(self.verify, self.url, self.data_dir, self.filename, self.md5)
 
     def verify(self) -> None:
         self._labels()

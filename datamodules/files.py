@@ -58,6 +58,27 @@ def download_unless_complete(verify: Callable[[], None], url: str, folder: PathL
     safe_extract(download(url, folder, filename, md5), folder)
 
 
+class ArchiveDataset:
+    """Mixin for a DataModule whose files come in one archive (class attributes ``url``, ``filename``,
+    ``md5`` and ``base_folder``, the folder it unpacks to) and that checks them in ``verify()``."""
+
+    url: str
+    filename: str
+    md5: Optional[str]
+    base_folder: str
+    data_dir: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir) / self.base_folder
+
+    def _hint(self) -> str:
+        return f"pass download=True, or extract {self.filename} (MD5 {self.md5}, from {self.url}) into {self.data_dir}"
+
+    def download(self) -> None:
+        download_unless_complete(self.verify, self.url, self.data_dir, self.filename, self.md5)
+
+
 def safe_extract(archive: PathLike, destination: PathLike) -> None:
     """Extracts a .zip, .tar, .tar.gz or .tgz into ``destination``, refusing members that escape it.
 

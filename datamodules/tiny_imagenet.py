@@ -20,7 +20,7 @@ from lit_robust.datamodules.arrays import ImageDataModule
 CACHE_FORMAT = 1  # bump when the cache's content or key changes meaning
 
 
-class TinyImageNetDataModule(ImageDataModule):
+class TinyImageNetDataModule(files.ArchiveDataset, ImageDataModule):
     """Tiny ImageNet as [0, 1] tensors ``[B, 3, 64, 64]``; normalisation belongs to the model.
 
     Files: ``data_dir/tiny-imagenet-200`` as the official archive
@@ -92,19 +92,6 @@ class TinyImageNetDataModule(ImageDataModule):
         super().__init__(data_dir, download, batch_size, eval_batch_size, num_workers, val_size, seed, augment,
                          on_device)
         self.cache = cache
-
-    @property
-    def root(self) -> Path:
-        return Path(self.data_dir) / self.base_folder
-
-    def _hint(self) -> str:
-        return (f"pass download=True, or extract the official {self.filename} (MD5 {self.md5}, from {self.url}) "
-                f"into {self.data_dir}")
-
-    # --- files -----------------------------------------------------------------------------
-
-    def download(self) -> None:
-        files.download_unless_complete(self.verify, self.url, self.data_dir, self.filename, self.md5)
 
     def verify(self) -> None:
         self._index()

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import FGSM, PGD, module_mode
 from lit_robust.evaluation.autoattack import _NORM_NAMES
+from lit_robust.evaluation.tiers import forked_rng, frozen_parameters
 
 #: Relative logit difference above which two eval-mode forward passes count as different.
 DETERMINISM_RTOL = 1e-4
@@ -332,24 +333,15 @@ def _check_arguments(x: Tensor, y: Tensor, norm: str, steps: int, restarts: int,
 @contextmanager
 def _evaluation_context(model: nn.Module, x: Tensor, seed: int) -> Iterator[None]:
     """fp32 without autocast, eval mode, no parameter gradients, gradients on, a forked and seeded RNG."""
-    cuda = []
-    if torch.cuda.is_available():  # pyautoattack seeds the current CUDA device's generator: fork it and x's
-        cuda = sorted({torch.cuda.current_device()} | ({x.device.index} if x.is_cuda else set()))
-    saved = [(p, p.requires_grad) for p in model.parameters()]
     with ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=cuda))
+        stack.enter_context(forked_rng(x.device))  # pyautoattack reseeds the generators
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(x.device.type, enabled=False))
         stack.enter_context(module_mode(model, "eval"))
+        stack.enter_context(frozen_parameters(model))
         torch.manual_seed(seed)
-        try:
-            for p, _ in saved:
-                p.requires_grad_(False)
-            yield
-        finally:
-            for p, flag in saved:
-                p.requires_grad_(flag)
+        yield
 
 
 def _prepare(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -228,10 +228,10 @@ def _attack_batch(model, x, y, eps, norm, tiers, pgd_steps, pgd_restarts, seed, 
     # fp32 copies outside inference mode (clone also detaches an inference tensor from it)
     x, y = x.detach().float().clone(), y.detach().long().clone()
     with ExitStack() as stack:
-        stack.enter_context(_frozen(model))
+        stack.enter_context(frozen_parameters(model))
         stack.enter_context(module_mode(model, "eval"))
         stack.enter_context(torch.autocast(x.device.type, enabled=False))
-        stack.enter_context(_forked_rng(x.device))
+        stack.enter_context(forked_rng(x.device))
         with torch.no_grad():
             logits = model(x)
         n_classes = logits.shape[1]
@@ -325,7 +325,7 @@ def _settings(tiers, eps, norm, n_classes, pgd_steps, pgd_restarts, autoattack_v
 
 
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """Parameters with ``requires_grad`` off for the block (no ``.grad`` created, cheaper FAB); restored after."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -337,7 +337,7 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _forked_rng(device: torch.device):
+def forked_rng(device: torch.device):
     """Forks the CPU RNG and every initialised accelerator RNG the reference code may reseed."""
     if device.type not in ("cpu", "cuda"):
         return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
