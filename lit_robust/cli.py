@@ -24,7 +24,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_robust.defenses.base import AdversarialModule
 
-SUMMARY_KEYS = ("test/clean_acc", "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc")
+SUMMARY_KEYS = ("test/clean_acc", "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc",
+                "test/certified_acc", "test/noisy_acc", "test/acr")
 
 
 class RobustCLI(LightningCLI):

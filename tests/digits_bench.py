@@ -78,3 +78,15 @@ class RecordingPGDAT(PGDAT):
         a = self.attack
         self.seen.append((self.current_epoch, batch_idx, a.eps, a.step_size, a.steps, a.fosc_threshold))
         return super().training_step(batch, batch_idx)
+
+
+class InferenceModeSeen(L.Callback):
+    """Records, per validation/test batch, whether inference mode was on (Lightning's default there)."""
+
+    def __init__(self):
+        self.flags = []
+
+    def on_test_batch_start(self, *args):
+        self.flags.append(torch.is_inference_mode_enabled())
+
+    on_validation_batch_start = on_test_batch_start

@@ -5,9 +5,9 @@ model that leaves no parameter gradient, and seeded determinism."""
 import lightning.pytorch as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from digits_bench import quiet_trainer as _trainer
+from digits_bench import InferenceModeSeen, quiet_trainer as _trainer
 
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses import DEFENSES
@@ -30,19 +30,9 @@ def digits():
     return dm
 
 
-class _InferenceModeSeen(Callback):
-    def __init__(self):
-        self.flags = []
-
-    def on_test_batch_start(self, *args):
-        self.flags.append(torch.is_inference_mode_enabled())
-
-    on_validation_batch_start = on_test_batch_start
-
-
 @pytest.mark.parametrize("name,extra", CASES, ids=IDS)
 def test_fit_validate_test(tmp_path, digits, name, extra):
-    module, seen = _make(name, extra), _InferenceModeSeen()
+    module, seen = _make(name, extra), InferenceModeSeen()
     trainer = _trainer(tmp_path, fast_dev_run=2, callbacks=[seen])
     trainer.fit(module, digits)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

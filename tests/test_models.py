@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from lit_robust.models import CIFAR10_MEAN, CIFAR10_STD, Normalize, PreActResNet18, ResNet18, SmallCNN, WideResNet
+from lit_robust.models import (
+    CIFAR10_MEAN, CIFAR10_STD, CNN3, CNN5, CNN7, Normalize, PreActResNet18, ResNet18, ResNet110, SmallCNN,
+    WideResNet,
+)
 
 
 def _params(model):
@@ -15,6 +18,7 @@ def _params(model):
     (PreActResNet18, 11_172_170),
     (lambda: WideResNet(34, 10), 46_160_474),
     (lambda: WideResNet(28, 10), 36_479_194),
+    (ResNet110, 1_730_714),  # He et al.: 1.7M
 ])
 def test_cifar_backbones_have_the_published_sizes(make, count):
     model = make()
@@ -56,3 +60,12 @@ def test_small_cnn_other_input_sizes():
 def test_bad_arguments_are_rejected(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+@pytest.mark.parametrize("make", [PreActResNet18, SmallCNN, lambda: CNN3(bn=True), lambda: CNN5(bn=True),
+                                  lambda: CNN7(width=4, linear_size=8)], ids=["preact", "small", "cnn3", "cnn5", "cnn7"])
+def test_models_are_built_in_train_mode_with_fresh_bn_statistics(make):
+    # a shape probe in eval mode once left CNN3/5/7 in eval mode: BN would have trained on running statistics
+    model = make()
+    assert all(m.training for m in model.modules())
+    assert all(int(m.num_batches_tracked) == 0 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

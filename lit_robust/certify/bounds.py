@@ -30,7 +30,7 @@ from torch.nn.modules.utils import _pair
 
 from lit_robust.models.normalize import Normalize
 
-__all__ = ["certified", "crown_ibp_margin_bounds", "ibp_margin_bounds", "input_box", "interval_bounds",
+__all__ = ["certified", "check_network", "crown_ibp_margin_bounds", "ibp_margin_bounds", "input_box", "interval_bounds",
            "robust_cross_entropy"]
 
 LOWER_SLOPES = ("adaptive", "zero", "one")
@@ -60,6 +60,11 @@ def _layers(net: nn.Module) -> list[nn.Module]:
         else:
             raise TypeError(f"bound propagation does not support layer {type(layer).__name__} ({layer})")
     return layers
+
+
+def check_network(net: nn.Module) -> None:
+    """Raises ``TypeError`` naming the first layer of ``net`` that bound propagation does not support."""
+    _layers(net)
 
 
 def _sum_rest(t: Tensor) -> Tensor:

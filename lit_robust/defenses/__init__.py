@@ -1,17 +1,22 @@
 """One LightningModule per defense, all built on ``AdversarialModule``.
 
-``DEFENSES`` maps each public defense name to its class (the contract tests run over it).
+``DEFENSES`` maps each public defense name to its class (the contract tests run over it);
+``CERTIFIED_DEFENSES`` holds the ones trained for certificates (bounds or randomized smoothing),
+which have no adversarial batch and are tested by their own contract.
 """
 
 from lit_robust.defenses.awp import WeightPerturbation
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range
+from lit_robust.defenses.certified import CertifiedTraining
 from lit_robust.defenses.deat import DEAT
 from lit_robust.defenses.fast_at import FastAT
 from lit_robust.defenses.fgsm_sdi import FGSMSDI
 from lit_robust.defenses.free_at import FreeAT
+from lit_robust.defenses.gls import GaussianLossSmoothing
 from lit_robust.defenses.interpolated_at import InterpolatedAT
 from lit_robust.defenses.mart import MART
 from lit_robust.defenses.pgd_at import PGDAT
+from lit_robust.defenses.smoothing import GaussianAugmentation, SmoothedClassifierModule, SmoothMix
 from lit_robust.defenses.standard import StandardTraining
 from lit_robust.defenses.trades import TRADES
 
@@ -27,4 +32,12 @@ DEFENSES: dict[str, type[AdversarialModule]] = {
     "FGSMSDI": FGSMSDI,
 }
 
-__all__ = ["DEFENSES", "AdversarialModule", "TrainingOutput", "WeightPerturbation", "check_pixel_range", *DEFENSES]
+CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
+    "CertifiedTraining": CertifiedTraining,
+    "GaussianLossSmoothing": GaussianLossSmoothing,
+    "GaussianAugmentation": GaussianAugmentation,
+    "SmoothMix": SmoothMix,
+}
+
+__all__ = ["CERTIFIED_DEFENSES", "DEFENSES", "AdversarialModule", "SmoothedClassifierModule", "TrainingOutput",
+           "WeightPerturbation", "check_pixel_range", *DEFENSES, *CERTIFIED_DEFENSES]

@@ -37,6 +37,7 @@ _TEST_NAMES = {"clean": "clean_acc", "pgd": "robust_acc", "apgd-ce": "apgd_ce_ac
 _METRICS = ("train/adv_acc", "train/clean_acc", "val/clean_acc", "val/robust_acc", "test/clean_acc",
             "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc", "train/fosc_mean",
             "train/attack_steps")
+_PROGRESS_BAR = ("robust_acc", "certified_acc", "noisy_acc")
 
 
 @dataclass
@@ -263,13 +264,13 @@ class AdversarialModule(L.LightningModule):
         Each evaluation dataloader gets its own metric (Lightning then suffixes the logged
         name with ``/dataloader_idx_N``).
         """
-        key = name.replace("/", "_") + (f"_dataloader{dataloader_idx}" if dataloader_idx else "")
+        key = name.replace("/", "_").replace(".", "_") + (f"_dataloader{dataloader_idx}" if dataloader_idx else "")
         if key not in self.metrics:
             self.metrics[key] = MeanMetric().to(self.device)
         metric = self.metrics[key]
         metric.update(values)
         # metric_attribute: Lightning indexes the module's metrics once, before later ones exist.
-        self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith("robust_acc"),
+        self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith(_PROGRESS_BAR),
                  batch_size=values.shape[0], metric_attribute=f"metrics.{key}")
 
     def configure_callbacks(self) -> list[L.Callback]:

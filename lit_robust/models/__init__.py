@@ -2,11 +2,11 @@
 
 from lit_robust.models.certified_cnns import CNN3, CNN5, CNN7, ibp_init
 from lit_robust.models.normalize import CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, Normalize
-from lit_robust.models.resnet import PreActResNet18, ResNet18
+from lit_robust.models.resnet import PreActResNet18, ResNet18, ResNet110
 from lit_robust.models.small_cnn import SmallCNN
 from lit_robust.models.wide_resnet import WideResNet
 
 __all__ = [
     "CNN3", "CNN5", "CNN7", "ibp_init", "CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_MEAN", "DIGITS_STD",
-    "Normalize", "PreActResNet18", "ResNet18", "SmallCNN", "WideResNet",
+    "Normalize", "PreActResNet18", "ResNet18", "ResNet110", "SmallCNN", "WideResNet",
 ]

@@ -28,8 +28,10 @@ class _CertifiedCNN(nn.Sequential):
         if len(mean) != in_channels:
             raise ValueError(f"mean/std need one value per input channel ({in_channels}), got {len(mean)}")
         layers = [Normalize(mean, std), *features, nn.Flatten()]
+        probe = nn.Sequential(*layers).eval()  # eval: the probe must not touch BN running statistics
         with torch.no_grad():
-            width = nn.Sequential(*layers).eval()(torch.zeros(1, in_channels, input_size, input_size)).shape[1]
+            width = probe(torch.zeros(1, in_channels, input_size, input_size)).shape[1]
+        probe.train()
         for hidden in head:
             layers += [nn.Linear(width, hidden), *([nn.BatchNorm1d(hidden)] if bn_head else []), nn.ReLU()]
             width = hidden

@@ -1,8 +1,10 @@
-"""CIFAR-style ResNet-18 (He et al. 2016) and PreAct ResNet-18 (He et al. 2016b).
+"""CIFAR-style ResNet-18 (He et al. 2016), PreAct ResNet-18 (He et al. 2016b) and ResNet-110.
 
 The 3x3 stem without max-pool is the CIFAR variant used by every adversarial-training
 repository (kuangliu/pytorch-cifar, locuslab/robust_overfitting, AT-AWP). Parameter counts:
-11.17M for both with 10 classes.
+11.17M for both with 10 classes. ResNet-110 is He et al.'s CIFAR network (three stages of 18
+basic blocks, widths 16/32/64), the base classifier of randomized smoothing (Cohen et al.,
+SmoothMix: ``archs/cifar_resnet.py``, projection shortcuts), 1.73M parameters.
 """
 
 from __future__ import annotations
@@ -64,16 +66,16 @@ class _CifarResNet(nn.Module):
         in_channels: int,
         mean: Sequence[float],
         std: Sequence[float],
+        widths: Sequence[int] = (64, 128, 256, 512),
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         preact = block is PreActBlock
-        stem: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)]
+        stem: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
         if not preact:
-            stem += [nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
-        layers, cin = [], 64
-        for i, n in enumerate(num_blocks):
-            cout = 64 * 2**i
+            stem += [nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        layers, cin = [], widths[0]
+        for i, (n, cout) in enumerate(zip(num_blocks, widths)):
             for j in range(n):
                 layers.append(block(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
@@ -109,3 +111,17 @@ class PreActResNet18(_CifarResNet):
         std: Sequence[float] = CIFAR10_STD,
     ) -> None:
         super().__init__(PreActBlock, (2, 2, 2, 2), num_classes, in_channels, mean, std)
+
+
+class ResNet110(_CifarResNet):
+    """ResNet-110 for CIFAR (He et al. 2016, section 4.2): 16-channel stem, 3 x 18 basic blocks of
+    widths 16 / 32 / 64, global average pooling; Cohen et al.'s and SmoothMix's base classifier."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__(BasicBlock, (18, 18, 18), num_classes, in_channels, mean, std, widths=(16, 32, 64))
