@@ -90,3 +90,18 @@ class InferenceModeSeen(L.Callback):
         self.flags.append(torch.is_inference_mode_enabled())
 
     on_validation_batch_start = on_test_batch_start
+
+
+def tiny_defense(name: str, **kwargs) -> AdversarialModule:
+    """A registered defense (``DEFENSES`` or ``CERTIFIED_DEFENSES``) at digits scale: SmallCNN(width=4),
+    or CNN3 for the bound-based ones, with two-step attacks and two PGPE pairs."""
+    from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
+    from lit_robust.models import CNN3, DIGITS_MEAN, DIGITS_STD
+
+    if name in ("CertifiedTraining", "GaussianLossSmoothing"):
+        extra = {"estimator": "pgpe", "pairs": 2} if name == "GaussianLossSmoothing" else {}
+        net = CNN3(in_channels=1, input_size=8, mean=DIGITS_MEAN, std=DIGITS_STD)
+        return CERTIFIED_DEFENSES[name](net, eps=0.1, eps_ramp_epochs=1, **extra, **kwargs)
+    if name in CERTIFIED_DEFENSES:
+        return CERTIFIED_DEFENSES[name](SmallCNN(width=4), sigma=0.25, **kwargs)
+    return DEFENSES[name](SmallCNN(width=4), eps=EPS, steps=2, step_size=0.1, **kwargs)

@@ -1,5 +1,6 @@
-"""PGDAT under real two-process CPU DDP (gloo): the logged robust accuracy is the global one,
-not rank 0's, and the ranks' weights stay identical through adversarial training.
+"""Real two-process CPU DDP (gloo): the logged robust accuracy is the global one, not rank 0's; the
+ranks' weights stay identical through adversarial training; every defense synchronises gradients once
+per optimizer step, like standard training, with no unused parameters.
 
 The run lives in tests/helpers/ddp_fit.py because Lightning's ``ddp`` strategy re-launches the
 calling script for rank 1; here it runs in a subprocess and we check the files it writes.
@@ -16,18 +17,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "helpers" / "ddp_fit.py"
+CHECKS = REPO / "tests" / "helpers" / "ddp_checks.py"
 
 
-def _run(out, *extra):
+def _launch(script, out, *extra):
     env = dict(os.environ)
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(var, None)  # let Lightning pick a free port and launch rank 1 itself
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT.relative_to(REPO)), str(out), *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(script.relative_to(REPO)), str(out), *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"DDP run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _run(out, *extra):
+    ranks = _launch(SCRIPT, out, *extra)
     params = [torch.load(out / f"rank{r}_params.pt") for r in (0, 1)]
     return ranks, params
 
@@ -75,3 +81,23 @@ def test_ddp_logged_robust_acc_is_global_and_weights_agree(ddp_run):
     assert all(r["max_param_change"] > 1e-3 for r in ranks), ranks
     assert params[0].numel() > 0 and torch.isfinite(params[0]).all()
     assert torch.equal(params[0], params[1])
+
+
+def test_every_defense_syncs_gradients_once_per_step_without_unused_parameters(tmp_path):
+    """find_unused_parameters=False throughout; all-reduces per optimizer step equal standard training's;
+    replicas identical after the steps (see tests/helpers/ddp_checks.py)."""
+    ranks = _launch(CHECKS, tmp_path)
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 14
+    per_step = ranks[0]["StandardTraining"]["allreduces"] / ranks[0]["StandardTraining"]["optimizer_steps"]
+    assert per_step >= 1
+    for name, result in ranks[0].items():
+        assert result["optimizer_steps"] >= 3, name
+        assert result["allreduces"] == per_step * result["optimizer_steps"], (name, result)
+        assert result["finite"] and result["checksum"] == ranks[1][name]["checksum"], name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm under DDP needs two GPUs (torch refuses CPU)")
+def test_sync_batchnorm_with_eval_mode_attacks_on_two_gpus(tmp_path):
+    ranks = _launch(CHECKS, tmp_path, "--gpus")
+    assert all(result["sync_bn"] for result in ranks[0].values() if result["optimizer_steps"])
+    assert all(ranks[0][n]["checksum"] == ranks[1][n]["checksum"] for n in ranks[0])

@@ -55,8 +55,8 @@ class WeightPerturbation:
 
     ``apply(model, loss_fn)`` computes the gradient of ``loss_fn()`` with respect to the
     perturbable weights (``torch.autograd.grad``: parameter ``.grad`` is left alone), adds
-    ``v_l = gamma * ||w_l|| * g_l / ||g_l||`` to each, and remembers ``v``; ``restore()``
-    subtracts it. Both clear the autocast weight cache, which would otherwise keep serving
+    ``v_l = gamma * ||w_l|| * g_l / ||g_l||`` to each, and keeps a copy of the weights it changed;
+    ``restore()`` copies them back (bit-exact, unlike subtracting ``v``). Both clear the autocast weight cache, which would otherwise keep serving
     casts of the old weights.
     """
 
@@ -64,7 +64,7 @@ class WeightPerturbation:
         if not gamma > 0:
             raise ValueError(f"awp_gamma must be > 0 to perturb weights, got {gamma}")
         self.gamma = float(gamma)
-        self._applied: list[tuple[nn.Parameter, Tensor]] = []
+        self._applied: list[tuple[nn.Parameter, Tensor]] = []  # (weight, its value before the perturbation)
 
     @property
     def active(self) -> bool:
@@ -79,14 +79,13 @@ class WeightPerturbation:
             for w, g in zip(weights, grads):
                 if g is None:
                     continue
-                v = g * (self.gamma * w.norm() / (g.norm() + 1e-20))
-                w.add_(v)
-                self._applied.append((w, v))
+                self._applied.append((w, w.detach().clone()))
+                w.add_(g * (self.gamma * w.norm() / (g.norm() + 1e-20)))
         torch.clear_autocast_cache()
 
     def restore(self) -> None:
         with torch.no_grad():
-            for w, v in self._applied:
-                w.sub_(v)
+            for w, saved in self._applied:
+                w.copy_(saved)  # not w - v: rounding would differ per rank and DDP replicas would drift apart
         self._applied = []
         torch.clear_autocast_cache()

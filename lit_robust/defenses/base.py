@@ -16,7 +16,7 @@ logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as L
 import torch
@@ -85,6 +85,14 @@ class AdversarialModule(L.LightningModule):
             of relative size gamma before the outer loss; 0 disables it. The paper uses 0.01
             with PGD-AT and 0.005 with TRADES. Needs automatic optimization.
         awp_warmup_epochs: epochs trained without AWP first (TRADES-AWP: 9, i.e. from the 10th).
+        channels_last: keep the backbone's weights and its 4-D inputs channels-last (faster convolutions on
+            tensor cores; the inputs are converted at the backbone's entry).
+        compile_model: ``torch.compile`` the backbone in place before fitting/evaluating; ``True`` or a dict
+            of ``torch.compile`` arguments (``{"mode": "max-autotune"}``). Input-gradient attacks run
+            through the compiled model; mode switches and new batch shapes recompile once each.
+
+    bf16: pass ``precision="bf16-mixed"`` to the Trainer; attacks and losses run under its autocast
+    (losses and KL terms in fp32), ``test`` runs its attacks in fp32, certificates are computed in fp32.
     """
 
     def __init__(
@@ -106,6 +114,8 @@ class AdversarialModule(L.LightningModule):
         label_smoothing: float = 0.0,
         awp_gamma: float = 0.0,
         awp_warmup_epochs: int = 0,
+        channels_last: bool = False,
+        compile_model: Union[bool, dict[str, Any]] = False,
     ) -> None:
         super().__init__()
         if attack_bn_mode not in BN_MODES:
@@ -114,6 +124,8 @@ class AdversarialModule(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if awp_gamma < 0 or awp_warmup_epochs < 0:
             raise ValueError(f"awp_gamma and awp_warmup_epochs must be >= 0, got {awp_gamma}, {awp_warmup_epochs}")
+        if not isinstance(compile_model, (bool, dict)):
+            raise ValueError(f"compile_model must be a bool or a dict of torch.compile arguments, got {compile_model!r}")
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
@@ -127,16 +139,34 @@ class AdversarialModule(L.LightningModule):
         self.awp_warmup_epochs = awp_warmup_epochs
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
+        self.channels_last, self.compile_model = channels_last, compile_model
+        self._channels_last_hook = self._compiled = False
         # PGD validates eps, steps and step sizes with messages naming each argument.
         PGD(eps, steps, step_size, norm)
         self.val_attack = PGD(eps, _named(val_attack_steps, "val_attack_steps"), norm=norm)
         self.test_attack = PGD(eps, _named(test_attack_steps, "test_attack_steps"), norm=norm)
-        self.metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in _METRICS})
+        self.metrics = nn.ModuleDict({name.replace("/", "_"): _mean_metric() for name in _METRICS})
         self._first_nonfinite_step: Optional[Tensor] = None
         self.last_attack_result: Optional[AttackResult] = None  #: the training attack's, when it tracks FOSC
+        self._train_means: dict[str, str] = {}  # training metrics updated this epoch: logged name -> metric key
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    # --- the fast path ---------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """``channels_last`` weights and inputs, and with ``compile_model`` ``torch.compile`` of the backbone in
+        place (``nn.Module.compile``: parameter names and checkpoints are unchanged; attacks call the compiled
+        model). Runs before fit, validate and test; each change is made once."""
+        if self.channels_last and not self._channels_last_hook:
+            self.model.to(memory_format=torch.channels_last)
+            # at the backbone's entry, so attacks, manual-optimization steps and evaluation all get it
+            self.model.register_forward_pre_hook(_channels_last_input)
+            self._channels_last_hook = True
+        if self.compile_model and not self._compiled:
+            self.model.compile(**({} if self.compile_model is True else self.compile_model))
+            self._compiled = True
 
     # --- what a defense implements -------------------------------------------------------
 
@@ -192,7 +222,7 @@ class AdversarialModule(L.LightningModule):
         if batch_idx == 0:
             check_pixel_range(x)
         out = self.training_loss(x, y)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=x.shape[0])
+        self.log_loss(out.loss, x.shape[0])
         if out.adv_logits is not None:
             self._log_accuracy("train/adv_acc", out.adv_logits, y)
         if out.clean_logits is not None:
@@ -202,6 +232,11 @@ class AdversarialModule(L.LightningModule):
             self._log_mean("train/attack_steps", self.last_attack_result.steps.float())
         self.watch_loss(out.loss)
         return out.loss
+
+    def log_loss(self, loss: Tensor, batch_size: int) -> None:
+        """Logs ``train/loss`` per step. Not on the progress bar: the bar reads its metrics at every refresh,
+        a host sync per step (TensorBoard gets the value every ``log_every_n_steps``)."""
+        self.log("train/loss", loss.detach(), batch_size=batch_size)
 
     def watch_loss(self, loss: Tensor) -> None:
         """Remembers, on the device, the first step whose loss was not finite (no host sync)."""
@@ -266,12 +301,25 @@ class AdversarialModule(L.LightningModule):
         """
         key = name.replace("/", "_").replace(".", "_") + (f"_dataloader{dataloader_idx}" if dataloader_idx else "")
         if key not in self.metrics:
-            self.metrics[key] = MeanMetric().to(self.device)
+            self.metrics[key] = _mean_metric().to(self.device)
         metric = self.metrics[key]
         metric.update(values)
+        if name.startswith("train/"):  # logged once, at the epoch's end: each self.log call costs ~1 ms of host time
+            self._train_means[name] = key
+            return
+        self._log_metric(name, key, values.shape[0])
+
+    def on_train_epoch_end(self) -> None:
+        """Logs the epoch means of the training metrics accumulated by ``_log_mean``."""
+        for name, key in self._train_means.items():
+            self._log_metric(name, key)
+        self._train_means = {}
+
+    def _log_metric(self, name: str, key: str, batch_size: Optional[int] = None) -> None:
+        metric = self.metrics[key]
         # metric_attribute: Lightning indexes the module's metrics once, before later ones exist.
         self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith(_PROGRESS_BAR),
-                 batch_size=values.shape[0], metric_attribute=f"metrics.{key}")
+                 batch_size=batch_size, metric_attribute=f"metrics.{key}")
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Callbacks every defense needs: :class:`~lit_robust.callbacks.ExactResume`."""
@@ -297,6 +345,17 @@ class AdversarialModule(L.LightningModule):
         total = finite_total(self.trainer.estimated_stepping_batches)
         milestones = [int(total * 0.5), int(total * 0.75)]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1), "step"
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    x, *rest = args
+    return (x.contiguous(memory_format=torch.channels_last), *rest) if x.dim() == 4 else args
+
+
+def _mean_metric() -> MeanMetric:
+    """A MeanMetric without the NaN check, whose ``if nans.any()`` would sync with the host at every update
+    (the values are 0/1 correctness flags and attack statistics; a non-finite loss has its own guard)."""
+    return MeanMetric(nan_strategy="disable")
 
 
 def _named(value: int, name: str) -> int:

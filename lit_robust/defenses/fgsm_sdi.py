@@ -185,7 +185,7 @@ class FGSMSDI(AdversarialModule):
         model_optimizer.step()
         self._step_lr_scheduler("step")
 
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=x.shape[0])
+        self.log_loss(out.loss, x.shape[0])
         self._log_accuracy("train/adv_acc", out.adv_logits, y)
         self.watch_loss(out.loss)
         return out.loss.detach()
@@ -218,6 +218,7 @@ class FGSMSDI(AdversarialModule):
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1), "step"
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self._step_lr_scheduler("epoch")
 
     def _step_lr_scheduler(self, interval: str) -> None:

@@ -123,7 +123,7 @@ class FreeAT(AdversarialModule):
             total = total + out.loss.detach()
         self._keep(delta)
         loss = total / self.replays
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log_loss(loss, x.shape[0])
         return loss
 
     def on_train_epoch_end(self) -> None:

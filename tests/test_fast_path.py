@@ -1,0 +1,78 @@
+"""The GPU fast path, checked on CPU: bf16 autocast through every defense's step, channels_last weights and
+inputs, and ``torch.compile`` of the backbone with input-gradient attacks still exact."""
+
+import lightning.pytorch as L
+import pytest
+import torch
+from digits_bench import quiet_trainer, tiny_defense, training_only_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_robust.attacks import PGD
+from lit_robust.datamodules import DigitsDataModule
+from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES, PGDAT
+from lit_robust.models import SmallCNN
+
+
+class _Inputs(L.Callback):
+    """Records the output dtype and the input memory format of the model's first conv at every call."""
+
+    def __init__(self):
+        self.channels_last, self.dtypes = [], set()
+
+    def on_fit_start(self, trainer, pl_module):
+        first = next(m for m in pl_module.model.modules() if isinstance(m, torch.nn.Conv2d))
+        first.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        self.dtypes.add(output.dtype)
+        self.channels_last.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("name", [*DEFENSES, *CERTIFIED_DEFENSES])
+def test_every_defense_trains_under_bf16_autocast(tmp_path, name):
+    module, seen = tiny_defense(name), _Inputs()
+    trainer = training_only_trainer(tmp_path, max_steps=2, precision="bf16-mixed", callbacks=[seen])
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert torch.bfloat16 in seen.dtypes  # autocast really reached the network
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
+
+
+def test_channels_last_converts_weights_and_batches(tmp_path):
+    seen = _Inputs()
+    module = PGDAT(SmallCNN(width=4), eps=0.2, steps=2, step_size=0.1, channels_last=True)
+    training_only_trainer(tmp_path, max_steps=2, callbacks=[seen]).fit(module, DigitsDataModule(batch_size=16))
+    convs = [m.weight for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert len(seen.channels_last) == 2 * 3 and all(seen.channels_last)  # per step: 2 attack steps + training
+
+    def step(channels_last):
+        L.seed_everything(0)
+        m = PGDAT(SmallCNN(width=4), eps=0.2, steps=2, step_size=0.1, channels_last=channels_last)
+        training_only_trainer(tmp_path, max_steps=2).fit(m, DigitsDataModule(batch_size=16))
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    assert torch.allclose(step(True), step(False), atol=1e-5)  # same computation, another layout
+
+
+def test_compiled_backbone_gives_the_eager_attack_and_checkpoints(tmp_path):
+    """aot_eager traces forward and backward like inductor does, without needing a C++ compiler."""
+    L.seed_everything(0)
+    module = PGDAT(SmallCNN(width=4), eps=0.2, steps=3, step_size=0.1, compile_model={"backend": "aot_eager"})
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=1, enable_checkpointing=True, callbacks=[ckpt])
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert module.model._compiled_call_impl is not None  # the backbone really is compiled
+    eager = SmallCNN(width=4)
+    eager.load_state_dict(module.model.state_dict())  # same keys: compiling in place keeps them
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    attack = PGD(0.2, steps=3, step_size=0.1, random_start=False)
+    module.model.eval(), eager.eval()
+    assert torch.allclose(attack(module.model, x, y), attack(eager, x, y), atol=1e-6)
+    restored = PGDAT.load_from_checkpoint(ckpt.last_model_path, model=SmallCNN(width=4))
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), module.state_dict().values()))
+
+
+def test_fast_path_arguments_are_checked():
+    with pytest.raises(ValueError, match="compile_model"):
+        PGDAT(SmallCNN(width=4), compile_model="yes")

@@ -1,0 +1,83 @@
+"""No host synchronisation inside ``training_step``: every defense's step is recorded under a
+TorchFunctionMode that sees each tensor-to-Python conversion (``.item()``, ``bool(t)``, ``int(t)``,
+``float(t)``, ``.tolist()``, ``.numpy()``, ``.cpu()``), the calls that stall a GPU's queue.
+
+The first batch of an epoch is exempt (the one [0, 1] input check per epoch is such a sync, by design);
+so is what Lightning does between steps (the non-finite-loss check at logging intervals).
+"""
+
+import pytest
+import torch
+from digits_bench import tiny_defense, training_only_trainer
+from torch.overrides import TorchFunctionMode
+
+from lit_robust.datamodules import DigitsDataModule
+from lit_robust.callbacks import FOSCSchedule
+from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
+
+SYNCS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"}
+
+
+class HostSyncRecorder(TorchFunctionMode):
+    """Records the name of every tensor-to-host conversion run inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SYNCS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_recorder_sees_the_usual_syncs():
+    x = torch.rand(4)
+    with HostSyncRecorder() as recorder:
+        x.sum().item()
+        if x.max() > 2:
+            pass
+        int(x.argmax()), float(x[0]), x.tolist()
+        torch.where(x > 0.5, x, 0.0).sum()  # a mask: no sync
+    assert recorder.seen == ["item", "__bool__", "__int__", "__float__", "tolist"]
+
+
+CASES = [*DEFENSES, *CERTIFIED_DEFENSES, "PGDAT+awp", "PGDAT+fosc"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_step_does_not_sync_with_the_host(tmp_path, case):
+    name, _, variant = case.partition("+")
+    module = tiny_defense(name, awp_gamma=0.01) if variant == "awp" else tiny_defense(name)
+    callbacks = [FOSCSchedule(c_max=0.5, dynamic_epochs=2)] if variant == "fosc" else []
+    step, seen = module.training_step, []
+
+    def recorded(batch, batch_idx):
+        if batch_idx == 0:
+            return step(batch, batch_idx)
+        with HostSyncRecorder() as recorder:
+            out = step(batch, batch_idx)
+        seen.append(recorder.seen)
+        return out
+
+    module.training_step = recorded
+    data = DigitsDataModule(batch_size=16)
+    training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=3, log_every_n_steps=1,
+                          callbacks=callbacks).fit(module, data)
+    assert len(seen) == 2 and seen == [[], []], seen
+
+
+def _loop_syncs(tmp_path, steps):
+    module = tiny_defense("PGDAT")
+    trainer = training_only_trainer(tmp_path, max_steps=steps, enable_progress_bar=True, log_every_n_steps=1000)
+    data = DigitsDataModule(batch_size=16)
+    with HostSyncRecorder() as recorder:
+        trainer.fit(module, data)
+    return len(recorder.seen)
+
+
+def test_the_whole_training_loop_has_no_per_step_sync(tmp_path):
+    """Lightning's loop included, progress bar on: 30 steps sync as often as 10 (once per epoch, not per
+    step). A metric on the progress bar is read, and synced, at every refresh: train/loss is not on it."""
+    assert _loop_syncs(tmp_path, 30) == _loop_syncs(tmp_path, 10) > 0
