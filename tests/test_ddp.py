@@ -96,6 +96,19 @@ def test_every_defense_syncs_gradients_once_per_step_without_unused_parameters(t
         assert result["finite"] and result["checksum"] == ranks[1][name]["checksum"], name
 
 
+def test_eval_mode_attacks_make_no_collective_call_through_sync_batchnorm(tmp_path):
+    """Why SyncBatchNorm + eval-mode attacks cannot deadlock (the mechanism; the full fit needs GPUs):
+    with ranks taking 3 and 4 attack steps, no collective is called; a train-mode attack would sync."""
+    proc = subprocess.run([sys.executable, "tests/helpers/syncbn_attack.py", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["recorder_sees_all_reduce"] and result["eval_modes_restored"]
+        assert result["eval_collectives"] == []
+        assert "SyncBatchNorm expected input tensor to be on GPU" in result["train_mode"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm under DDP needs two GPUs (torch refuses CPU)")
 def test_sync_batchnorm_with_eval_mode_attacks_on_two_gpus(tmp_path):
     ranks = _launch(CHECKS, tmp_path, "--gpus")
