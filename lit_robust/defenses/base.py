@@ -143,8 +143,8 @@ class AdversarialModule(L.LightningModule):
         self._channels_last_hook = self._compiled = False
         # PGD validates eps, steps and step sizes with messages naming each argument.
         PGD(eps, steps, step_size, norm)
-        self.val_attack = PGD(eps, _named(val_attack_steps, "val_attack_steps"), norm=norm)
-        self.test_attack = PGD(eps, _named(test_attack_steps, "test_attack_steps"), norm=norm)
+        self.val_attack = PGD(eps, positive_int(val_attack_steps, "val_attack_steps"), norm=norm)
+        self.test_attack = PGD(eps, positive_int(test_attack_steps, "test_attack_steps"), norm=norm)
         self.metrics = nn.ModuleDict({name.replace("/", "_"): _mean_metric() for name in _METRICS})
         self._first_nonfinite_step: Optional[Tensor] = None
         self.last_attack_result: Optional[AttackResult] = None  #: the training attack's, when it tracks FOSC
@@ -358,7 +358,8 @@ def _mean_metric() -> MeanMetric:
     return MeanMetric(nan_strategy="disable")
 
 
-def _named(value: int, name: str) -> int:
+def positive_int(value: int, name: str) -> int:
+    """``value`` as an int, or a ``ValueError`` naming the argument unless it is an integer >= 1."""
     if int(value) != value or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value}")
     return int(value)

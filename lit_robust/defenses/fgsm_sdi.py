@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import module_mode
 from lit_robust.defenses.awp import preserved_norm_statistics
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range, positive_int
 from lit_robust.models.sdi_generator import SDIGenerator
 
 PAPER_TRUE_CLASS_PROB = 0.5
@@ -127,8 +127,7 @@ class FGSMSDI(AdversarialModule):
                          label_smoothing=0.0 if label_smoothing is None else label_smoothing, **kwargs)
         if self.norm != "linf":
             raise ValueError(f"norm must be 'linf' for FGSM-SDI (its generator is an Linf box), got {self.norm!r}")
-        if int(generator_every) != generator_every or generator_every < 1:
-            raise ValueError(f"generator_every must be an integer >= 1, got {generator_every}")
+        positive_int(generator_every, "generator_every")
         if not generator_lr > 0 or generator_weight_decay < 0:
             raise ValueError(f"generator_lr must be > 0 and generator_weight_decay >= 0, "
                              f"got {generator_lr}, {generator_weight_decay}")

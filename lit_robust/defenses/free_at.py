@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range, finite_total
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range, finite_total, positive_int
 
 
 class FreeAT(AdversarialModule):
@@ -83,8 +83,7 @@ class FreeAT(AdversarialModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, eps=eps, step_size=eps if step_size is None else step_size, **kwargs)
-        if int(replays) != replays or replays < 1:
-            raise ValueError(f"replays must be an integer >= 1, got {replays}")
+        positive_int(replays, "replays")
         self.replays = int(replays)
         self.automatic_optimization = False
         self._delta: Optional[Tensor] = None  # the persistent perturbation, [largest batch, *image]

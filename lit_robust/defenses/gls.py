@@ -9,6 +9,7 @@ from torch.func import functional_call
 
 from lit_robust.certify.gls import ESTIMATORS, pgpe_gradient, rgs_gradient, smoothed_surrogate
 from lit_robust.certify.objective import CertifiedObjective
+from lit_robust.defenses.base import positive_int
 from lit_robust.defenses.certified import CertifiedTraining
 
 
@@ -66,8 +67,8 @@ class GaussianLossSmoothing(CertifiedTraining):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
-        if samples < 1 or pairs < 1:
-            raise ValueError(f"samples and pairs must be >= 1, got {samples}, {pairs}")
+        positive_int(samples, "samples")
+        positive_int(pairs, "pairs")
         super().__init__(model, method=method, **kwargs)
         self.estimator, self.sigma, self.samples, self.pairs = estimator, sigma, samples, pairs
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lit_robust.attacks.functional import check_pixel_range, upcast
 from lit_robust.attacks.smoothed import log_mean_softmax, project_l2, smoothmix_attack
 from lit_robust.certify.randomized_smoothing import ABSTAIN, Smooth
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total, positive_int
 from lit_robust.defenses.trades import piecewise_by_epochs
 
 EVAL_SEED = 1234  #: noise of validation / test batch ``i`` comes from a generator seeded with ``EVAL_SEED + i``
@@ -90,8 +90,7 @@ class SmoothedClassifierModule(AdversarialModule):
         if any(not r >= 0 for r in test_radii):
             raise ValueError(f"test_radii must all be >= 0, got {list(test_radii)}")
         for name, value in (("test_n0", test_n0), ("test_n", test_n), ("test_batch_size", test_batch_size)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value}")
+            positive_int(value, name)
         if not 0 < test_alpha < 1:
             raise ValueError(f"test_alpha must be in (0, 1), got {test_alpha}")
         if norm != "l2":
@@ -256,10 +255,8 @@ class SmoothMix(SmoothedClassifierModule):
         max_norm: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
-        if int(num_noise_vec) != num_noise_vec or num_noise_vec < 1:
-            raise ValueError(f"num_noise_vec must be an integer >= 1, got {num_noise_vec}")
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps}")
+        positive_int(num_noise_vec, "num_noise_vec")
+        positive_int(steps, "steps")
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if int(mix_step) != mix_step or not 0 <= mix_step < steps:
