@@ -15,6 +15,7 @@ logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -73,6 +74,9 @@ class AdversarialModule(L.LightningModule):
             statistics, untouched) or ``"train"`` (batch statistics, as Madry/Rice did).
         val_attack_steps, test_attack_steps: PGD iterations of the evaluation attacks (step
             ``2.5 * eps / steps``, random start, CE, eval mode).
+        val_fp32: validation (clean and PGD accuracy, and the certified defenses' measures) with autocast off,
+            i.e. in fp32 under ``precision="bf16-mixed"``, as ``test`` runs. False: in the Trainer's precision
+            (faster on GPUs, but a bf16 PGD is a slightly different attack from the fp32 one that is reported).
         test_autoattack: also run the reference AutoAttack in ``test`` (slow; RobustBench's protocol).
         test_apgd: also run APGD-CE and APGD-T (the reference code's; ``test/apgd_ce_acc``,
             ``test/apgd_t_acc``). ``test`` runs the tiers of ``lit_robust.evaluation.tiers`` in fp32,
@@ -91,8 +95,8 @@ class AdversarialModule(L.LightningModule):
             of ``torch.compile`` arguments (``{"mode": "max-autotune"}``). Input-gradient attacks run
             through the compiled model; mode switches and new batch shapes recompile once each.
 
-    bf16: pass ``precision="bf16-mixed"`` to the Trainer; attacks and losses run under its autocast
-    (losses and KL terms in fp32), ``test`` runs its attacks in fp32, certificates are computed in fp32.
+    bf16: pass ``precision="bf16-mixed"`` to the Trainer; training attacks and losses run under its autocast
+    (losses and KL terms in fp32); validation (unless ``val_fp32=False``), ``test`` and certificates run in fp32.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class AdversarialModule(L.LightningModule):
         attack_bn_mode: Literal["eval", "train"] = "eval",
         val_attack_steps: int = 10,
         test_attack_steps: int = 20,
+        val_fp32: bool = True,
         test_autoattack: bool = False,
         test_apgd: bool = False,
         autoattack_version: Literal["standard", "plus", "rand"] = "standard",
@@ -133,6 +138,7 @@ class AdversarialModule(L.LightningModule):
         self.eps, self.norm = float(eps), check_norm(norm)
         self.steps, self.step_size = steps, step_size
         self.attack_bn_mode = attack_bn_mode
+        self.val_fp32 = val_fp32
         self.test_autoattack, self.test_apgd, self.autoattack_version = test_autoattack, test_apgd, autoattack_version
         self.label_smoothing = label_smoothing
         self.awp = WeightPerturbation(awp_gamma) if awp_gamma > 0 else None
@@ -257,7 +263,9 @@ class AdversarialModule(L.LightningModule):
     # --- evaluation ------------------------------------------------------------------------
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, "val", dataloader_idx)
+        fp32 = torch.autocast(batch[0].device.type, enabled=False) if self.val_fp32 else nullcontext()
+        with fp32:
+            self._evaluate(batch, batch_idx, "val", dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, batch_idx, "test", dataloader_idx)
