@@ -7,8 +7,9 @@ already on the device, for both sides) with
 - a plain loop: the same architecture, a hand-written attack and loss equal to the defense's, SGD,
 
 alternating library / plain runs ``--repeats`` times and keeping the median, so that drift of the
-machine hits both sides alike. It prints images/s, seconds per 50k-image epoch, the library/plain
-time ratio, the achieved FLOP rate from the cost model of ``shared/research/perf.md`` (forward FLOPs
+machine hits both sides alike. ``tests/test_benchmark_parity.py`` checks that both sides run the same
+convolutions, matrix products and batch norms, forward and backward, per step. It prints images/s, seconds per 50k-image epoch, the library/plain
+time ratio (and the difference per step), the achieved FLOP rate from the cost model of ``shared/research/perf.md`` (forward FLOPs
 measured with ``torch.utils.flop_counter``; PGD-k AT = (2k + 3) F per image, FGSM-RS = 5 F, TRADES-k =
 (2k + 7) F) and, on a GPU with a known peak, the fraction of the bf16 roofline. JSON goes to ``--out``
 with the device name, versions, date and command line.
@@ -234,6 +235,11 @@ def main() -> None:
     batches = synthetic_batches(args.warmup + args.steps, args.batch_size, device, args.channels_last)
     images = args.steps * args.batch_size
     rows = []
+    result = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
+              "lightning": L.__version__, "lit_robust": importlib.metadata.version("lit_robust"),
+              "settings": vars(args), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for model_name in args.models:
         make_model = MODELS[model_name]
         flops = forward_flops(make_model)
@@ -249,21 +255,18 @@ def main() -> None:
             row = {"model": model_name, "defense": defense, "library_s": runs["library"], "plain_s": runs["plain"],
                    "library_images_per_s": images / lib, "plain_images_per_s": images / plain,
                    "library_s_per_epoch": 50_000 / (images / lib), "plain_s_per_epoch": 50_000 / (images / plain),
-                   "library_over_plain": lib / plain, "forward_gflops_per_image": flops / 1e9,
+                   "library_over_plain": lib / plain, "overhead_ms_per_step": 1000 * (lib - plain) / args.steps,
+                   "forward_gflops_per_image": flops / 1e9,
                    "cost_in_forwards": COST_IN_FORWARDS[defense], "achieved_tflops": achieved / 1e12,
                    "fraction_of_bf16_peak": None if peak is None else achieved / peak}
             rows.append(row)
             print(f"{model_name:15s} {defense:7s} library {row['library_images_per_s']:9.1f} img/s "
                   f"({row['library_s_per_epoch']:8.1f} s/epoch)  plain {row['plain_images_per_s']:9.1f} img/s  "
-                  f"ratio {row['library_over_plain']:.3f}  {row['achieved_tflops']:.3f} TFLOP/s"
+                  f"ratio {row['library_over_plain']:.3f} ({row['overhead_ms_per_step']:+.2f} ms/step)  "
+                  f"{row['achieved_tflops']:.3f} TFLOP/s"
                   + ("" if peak is None else f" ({100 * row['fraction_of_bf16_peak']:.1f}% of bf16 peak)"),
                   flush=True)
-    result = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
-              "lightning": L.__version__, "lit_robust": importlib.metadata.version("lit_robust"),
-              "settings": vars(args), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+            Path(args.out).write_text(json.dumps(result, indent=2))  # after every row: a killed run keeps its rows
     print(f"wrote {args.out} ({name})")
 
 

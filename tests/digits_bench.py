@@ -7,6 +7,7 @@ standard-trained network of the same size under the same attack.
 from __future__ import annotations
 
 import lightning.pytorch as L
+import pytest
 import torch
 
 from lit_robust.attacks import PGD
@@ -15,6 +16,8 @@ from lit_robust.defenses import PGDAT, AdversarialModule
 from lit_robust.models import SmallCNN
 
 EPS = 0.2  # Linf, in [0, 1] pixel units, as in configs/quickstart.yaml
+#: Trainer accelerators for the fast-path tests: the CUDA cases run where a GPU is (benchmarks/gpu_check.sh)
+ACCELERATORS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 def digits() -> DigitsDataModule:

@@ -4,7 +4,7 @@ inputs, and ``torch.compile`` of the backbone with input-gradient attacks still 
 import lightning.pytorch as L
 import pytest
 import torch
-from digits_bench import quiet_trainer, tiny_defense, training_only_trainer
+from digits_bench import ACCELERATORS, quiet_trainer, tiny_defense, training_only_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_robust.attacks import PGD
@@ -28,10 +28,12 @@ class _Inputs(L.Callback):
         self.channels_last.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("name", [*DEFENSES, *CERTIFIED_DEFENSES])
-def test_every_defense_trains_under_bf16_autocast(tmp_path, name):
+def test_every_defense_trains_under_bf16_autocast(tmp_path, name, accelerator):
     module, seen = tiny_defense(name), _Inputs()
-    trainer = training_only_trainer(tmp_path, max_steps=2, precision="bf16-mixed", callbacks=[seen])
+    trainer = training_only_trainer(tmp_path, max_steps=2, precision="bf16-mixed", callbacks=[seen],
+                                    accelerator=accelerator)
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert torch.bfloat16 in seen.dtypes  # autocast really reached the network
@@ -71,6 +73,25 @@ def test_compiled_backbone_gives_the_eager_attack_and_checkpoints(tmp_path):
     assert torch.allclose(attack(module.model, x, y), attack(eager, x, y), atol=1e-6)
     restored = PGDAT.load_from_checkpoint(ckpt.last_model_path, model=SmallCNN(width=4))
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), module.state_dict().values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (inductor's GPU kernels)")
+def test_inductor_compiled_backbone_trains_and_gives_eager_input_gradients(tmp_path):
+    """The real compiler on a GPU, in bf16 and channels_last: the input gradients the attacks follow match
+    eager's (inductor fuses differently, so to a tolerance), and training moves the weights."""
+    L.seed_everything(0)
+    module = PGDAT(SmallCNN(width=4), eps=0.2, steps=3, step_size=0.1, compile_model=True, channels_last=True)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    training_only_trainer(tmp_path, max_steps=3, accelerator="cuda", precision="bf16-mixed").fit(
+        module, DigitsDataModule(batch_size=64))
+    assert module.model._compiled_call_impl is not None
+    assert any(not torch.equal(a, b.cuda()) for a, b in zip(module.model.parameters(), before))
+    eager = SmallCNN(width=4).cuda().eval()
+    eager.load_state_dict(module.model.state_dict())
+    module.model.eval()
+    x, y = torch.rand(64, 1, 8, 8, device="cuda", requires_grad=True), torch.randint(0, 10, (64,), device="cuda")
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(m(x), y), x)[0] for m in (module.model, eager)]
+    assert (grads[0] - grads[1]).norm() <= 1e-3 * grads[1].norm()
 
 
 def test_fast_path_arguments_are_checked():

@@ -8,7 +8,7 @@ so is what Lightning does between steps (the non-finite-loss check at logging in
 
 import pytest
 import torch
-from digits_bench import tiny_defense, training_only_trainer
+from digits_bench import ACCELERATORS, tiny_defense, training_only_trainer
 from torch.overrides import TorchFunctionMode
 
 from lit_robust.datamodules import DigitsDataModule
@@ -46,8 +46,11 @@ def test_the_recorder_sees_the_usual_syncs():
 CASES = [*DEFENSES, *CERTIFIED_DEFENSES, "PGDAT+awp", "PGDAT+fosc"]
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("case", CASES)
-def test_training_step_does_not_sync_with_the_host(tmp_path, case):
+def test_training_step_does_not_sync_with_the_host(tmp_path, case, accelerator):
+    """On a GPU torch's own detector is on too (``set_sync_debug_mode("error")``): any CUDA call that waits
+    for the device inside the step raises."""
     name, _, variant = case.partition("+")
     module = tiny_defense(name, awp_gamma=0.01) if variant == "awp" else tiny_defense(name)
     callbacks = [FOSCSchedule(c_max=0.5, dynamic_epochs=2)] if variant == "fosc" else []
@@ -56,15 +59,21 @@ def test_training_step_does_not_sync_with_the_host(tmp_path, case):
     def recorded(batch, batch_idx):
         if batch_idx == 0:
             return step(batch, batch_idx)
-        with HostSyncRecorder() as recorder:
-            out = step(batch, batch_idx)
+        if accelerator == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with HostSyncRecorder() as recorder:
+                out = step(batch, batch_idx)
+        finally:
+            if accelerator == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
         seen.append(recorder.seen)
         return out
 
     module.training_step = recorded
     data = DigitsDataModule(batch_size=16)
     training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=3, log_every_n_steps=1,
-                          callbacks=callbacks).fit(module, data)
+                          callbacks=callbacks, accelerator=accelerator).fit(module, data)
     assert len(seen) == 2 and seen == [[], []], seen
 
 

@@ -1,0 +1,87 @@
+"""The benchmark's plain-PyTorch loop does the same work as the library, so its time ratio measures only
+the framework's overhead: per training step, both run the same convolutions, matrix products and batch norms,
+forward and backward, in the number the cost model counts."""
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from digits_bench import training_only_trainer
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_spec = importlib.util.spec_from_file_location("throughput", Path(__file__).parents[1] / "benchmarks" / "throughput.py")
+throughput = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(throughput)
+
+COMPUTE = ("convolution", "convolution_backward", "addmm", "mm", "native_batch_norm", "_native_batch_norm_legit",
+           "native_batch_norm_backward")
+
+
+class _ComputeOps(TorchDispatchMode):
+    """Counts the compute-bound aten ops (forward and backward) run while active; a convolution's backward by
+    which gradients it computes (input, weight, bias), so an attack that also computed weight gradients shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "convolution_backward":
+            name += str(tuple(args[-1]))  # output_mask
+        if name.startswith(COMPUTE):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_model():
+    return throughput.MODELS["smallcnn"]()
+
+
+def _batch():
+    (batch,) = throughput.synthetic_batches(1, 8, torch.device("cpu"), channels_last=False)
+    return batch
+
+
+def library_ops(defense, tmp_path):
+    module = throughput.library_module(defense, _tiny_model())
+    ops = _ComputeOps()
+
+    class Record(throughput.L.Callback):
+        def on_train_batch_start(self, *args):
+            ops.__enter__()
+
+        def on_train_batch_end(self, *args):
+            ops.__exit__(None, None, None)
+
+    trainer = training_only_trainer(tmp_path, max_steps=1, precision="32-true", callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=throughput._Batches([_batch()]))
+    return ops.counts
+
+
+def plain_ops(defense):
+    model = _tiny_model()
+    optimizer = throughput.sgd(model.parameters())
+    x, y = _batch()
+    with _ComputeOps() as ops:
+        throughput.plain_step(defense, model, optimizer, x, y)
+    return ops.counts
+
+
+# per step: attack forward+backward passes (input gradients only), forwards without gradient, and forward+backward
+# passes of the training loss (weight gradients): PGD-10 AT, FGSM-RS, and TRADES (clean target, clean + adversarial)
+PASSES = {"pgdat": (10, 0, 1), "fastat": (1, 0, 1), "trades": (10, 1, 2)}
+
+
+@pytest.mark.parametrize("defense", list(throughput.COST_IN_FORWARDS))
+def test_plain_loop_does_the_library_work(tmp_path, defense):
+    library, plain = library_ops(defense, tmp_path), plain_ops(defense)
+    assert library == plain
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in _tiny_model().modules())
+    attack, no_grad, training = PASSES[defense]
+    assert library["convolution"] == (attack + no_grad + training) * convs
+    assert library["convolution_backward(True, False, False)"] == attack * convs
+    weight_grads = sum(n for op, n in library.items() if op.startswith("convolution_backward(") and ", True," in op)
+    assert weight_grads == training * convs
