@@ -5,26 +5,29 @@ Adversarial Examples" (arXiv:2010.03593), and Rebuffi et al. 2021, "Data Augment
 Improve Robustness" (NeurIPS 2021; with CutMix, robustness only improves when the weights are
 averaged). Official code: github.com/deepmind/deepmind-research/tree/master/adversarial_robustness
 (``swa_decay=0.995``, TF-style dynamic decay). Built on Lightning's ``WeightAveraging``
-(``torch.optim.swa_utils.AveragedModel`` underneath).
+(``torch.optim.swa_utils.AveragedModel`` underneath, with an update that does not synchronise).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 BN_BUFFERS = ("average", "live")
 
 
 class EMAUpdate:
-    """``AveragedModel``'s ``multi_avg_fn``: ``avg <- decay_t * avg + (1 - decay_t) * live``, in place.
+    """The averaging function: ``avg <- decay_t * avg + (1 - decay_t) * live``, in place.
 
     ``decay_t = min(decay, (1 + t) / (10 + t))`` with warm-up, else ``decay``; ``t`` is
-    ``n_averaged``, the number of updates already made. ``decay_t`` stays a tensor on the
+    ``n_averaged``, the number of updates already made, and the first update (``t = 0``) copies
+    (a lerp of weight 1 returns ``live`` exactly). ``t`` and the weight stay tensors on the
     weights' device (no host synchronisation). Integer tensors (BatchNorm's
     ``num_batches_tracked``) are counters, not weights: they are copied from the live model.
     A class rather than a closure so that the callback pickles (``ddp_spawn``).
@@ -37,12 +40,40 @@ class EMAUpdate:
     def __call__(self, averaged: list[Tensor], live: list[Tensor], n_averaged: Tensor) -> None:
         if not (averaged[0].is_floating_point() or averaged[0].is_complex()):
             torch._foreach_copy_(averaged, live)
-        elif self.warmup:
-            weight = 1 - ((1 + n_averaged) / (10 + n_averaged)).clamp(max=self.decay)
-            # One 0-d weight tensor per tensor: a bare tensor would be read on the host (.item()).
-            torch._foreach_lerp_(averaged, live, [weight.to(averaged[0].dtype)] * len(averaged))
+            return
+        weight = 1 - ((1 + n_averaged) / (10 + n_averaged)).clamp(max=self.decay) if self.warmup else 1 - self.decay
+        weight = torch.where(n_averaged == 0, 1.0, weight).to(averaged[0].dtype)
+        # One 0-d weight tensor per tensor: a bare tensor would be read on the host (.item()).
+        torch._foreach_lerp_(averaged, live, [weight] * len(averaged))
+
+
+class QueuedAveragedModel(AveragedModel):
+    """``AveragedModel`` whose update never reads ``n_averaged`` on the host.
+
+    torch's ``update_parameters`` asks ``n_averaged == 0`` and ``n_averaged > 0`` in Python, two
+    GPU synchronisations per update that drain the queue every training step. Here every update,
+    the first one (a copy) included, is one call of the averaging function (``EMAUpdate``), which
+    decides on the device; the result is the same.
+    """
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.use_buffers:
+            pairs = zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()],
+                        strict=True)
         else:
-            torch._foreach_lerp_(averaged, live, 1 - self.decay)
+            pairs = zip(self.module.parameters(), model.parameters(), strict=True)
+        groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+        for average, live in pairs:
+            averaged_list, live_list = groups[average.device, average.dtype]
+            averaged_list.append(average.detach())
+            live_list.append(live.detach().to(average.device))
+        for averaged_list, live_list in groups.values():
+            self.multi_avg_fn(averaged_list, live_list, self.n_averaged.to(averaged_list[0].device))
+        if not self.use_buffers:  # buffers follow the live model
+            for average, live in zip(self.module.buffers(), model.buffers(), strict=True):
+                average.detach().copy_(live.detach().to(average.device))
+        self.n_averaged += 1
 
 
 class EMA(WeightAveraging):
@@ -91,10 +122,10 @@ class EMA(WeightAveraging):
     LightningModule is averaged, ``FGSMSDI``'s generator included (harmless, it is not used
     for evaluation).
 
-    Cost: one ``lerp`` over the weights per update, without host synchronisation, except that
-    ``AveragedModel.update_parameters`` itself reads ``n_averaged`` on the host (one sync per
-    update, a known cost left as it is). The average is a deep copy of the LightningModule on
-    the same device (memory for one more model).
+    Cost: one ``lerp`` over the weights per update, without host synchronisation (the average is a
+    :class:`QueuedAveragedModel`: torch's ``AveragedModel`` would read ``n_averaged`` on the host
+    twice per update). The average is a deep copy of the LightningModule on the same device
+    (memory for one more model).
 
     DDP: every rank holds the same weights after each step and updates its own average with the
     same deterministic rule, so the averages are identical on all ranks without communication.
@@ -120,6 +151,11 @@ class EMA(WeightAveraging):
         self.decay, self.warmup, self.bn_buffers = decay, warmup, bn_buffers
         self.start_step, self.every_n_steps = int(start_step), int(every_n_steps)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(self._average_model) is AveragedModel:  # Lightning builds torch's: give it the sync-free update
+            self._average_model.__class__ = QueuedAveragedModel
+
     def should_update(self, step_idx: Optional[int] = None, epoch_idx: Optional[int] = None) -> bool:
         if step_idx is None or step_idx < self.start_step:
             return False
@@ -142,6 +178,6 @@ class EMA(WeightAveraging):
     def _live_until_first_update(self, pl_module: L.LightningModule) -> None:
         """Lightning #21724: before the first update, make the average the live weights."""
         average = self._average_model
-        if average is not None and average.n_averaged == 0:
+        if average is not None and self._latest_update_step == 0:  # read on the host, unlike n_averaged
             average.update_parameters(pl_module)  # a first update copies the live weights ...
             average.n_averaged.zero_()  # ... but this one does not count

@@ -90,8 +90,10 @@ def averaged_state(ema: EMA) -> dict:
 @pytest.mark.parametrize("warmup", [True, False])
 def test_update_function_matches_the_formula(warmup):
     decay, live = 0.3, [torch.randn(3) for _ in range(6)]
-    averaged = [live[0].clone()]  # AveragedModel's first update copies
+    averaged = [torch.randn(3)]
     ema_fn = pickle.loads(pickle.dumps(EMAUpdate(decay, warmup)))  # ddp_spawn pickles callbacks
+    ema_fn(averaged, [live[0]], torch.tensor(0))
+    assert torch.equal(averaged[0], live[0])  # the first update copies, exactly
     for t in range(1, 6):
         ema_fn(averaged, [live[t]], torch.tensor(t))
     expected = live[0].double()

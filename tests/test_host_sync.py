@@ -12,7 +12,7 @@ from digits_bench import ACCELERATORS, tiny_defense, training_only_trainer
 from torch.overrides import TorchFunctionMode
 
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.callbacks import FOSCSchedule
+from lit_robust.callbacks import EMA, FOSCSchedule
 from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
 
 SYNCS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"}
@@ -77,9 +77,10 @@ def test_training_step_does_not_sync_with_the_host(tmp_path, case, accelerator):
     assert len(seen) == 2 and seen == [[], []], seen
 
 
-def _loop_syncs(tmp_path, steps):
+def _loop_syncs(tmp_path, steps, callbacks=()):
     module = tiny_defense("PGDAT")
-    trainer = training_only_trainer(tmp_path, max_steps=steps, enable_progress_bar=True, log_every_n_steps=1000)
+    trainer = training_only_trainer(tmp_path, max_steps=steps, enable_progress_bar=True, log_every_n_steps=1000,
+                                    callbacks=list(callbacks))
     data = DigitsDataModule(batch_size=16)
     with HostSyncRecorder() as recorder:
         trainer.fit(module, data)
@@ -90,3 +91,8 @@ def test_the_whole_training_loop_has_no_per_step_sync(tmp_path):
     """Lightning's loop included, progress bar on: 30 steps sync as often as 10 (once per epoch, not per
     step). A metric on the progress bar is read, and synced, at every refresh: train/loss is not on it."""
     assert _loop_syncs(tmp_path, 30) == _loop_syncs(tmp_path, 10) > 0
+
+
+def test_ema_updates_without_syncing(tmp_path):
+    """torch's AveragedModel asks ``n_averaged == 0`` and ``n_averaged > 0`` on the host at every update."""
+    assert _loop_syncs(tmp_path, 30, [EMA(decay=0.9)]) == _loop_syncs(tmp_path, 10, [EMA(decay=0.9)])
