@@ -12,7 +12,8 @@ from digits_bench import ACCELERATORS, tiny_defense, training_only_trainer
 from torch.overrides import TorchFunctionMode
 
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.callbacks import EMA, FOSCSchedule
+from lit_robust.callbacks import (EMA, AttackStepsSchedule, CatastrophicOverfittingMonitor, EpsilonSchedule,
+                                  FOSCSchedule)
 from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
 
 SYNCS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"}
@@ -93,6 +94,16 @@ def test_the_whole_training_loop_has_no_per_step_sync(tmp_path):
     assert _loop_syncs(tmp_path, 30) == _loop_syncs(tmp_path, 10) > 0
 
 
-def test_ema_updates_without_syncing(tmp_path):
-    """torch's AveragedModel asks ``n_averaged == 0`` and ``n_averaged > 0`` on the host at every update."""
-    assert _loop_syncs(tmp_path, 30, [EMA(decay=0.9)]) == _loop_syncs(tmp_path, 10, [EMA(decay=0.9)])
+PER_STEP_CALLBACKS = {
+    "EMA": lambda: EMA(decay=0.9),  # torch's AveragedModel asks n_averaged == 0 and > 0 on the host per update
+    "EpsilonSchedule": lambda: EpsilonSchedule(ramp_epochs=1, per_step=True),
+    "AttackStepsSchedule": lambda: AttackStepsSchedule(ramp_epochs=1, per_step=True),
+    "FOSCSchedule": lambda: FOSCSchedule(c_max=0.5, dynamic_epochs=2),
+    "CatastrophicOverfittingMonitor": lambda: CatastrophicOverfittingMonitor(),
+}
+
+
+@pytest.mark.parametrize("callback", list(PER_STEP_CALLBACKS))
+def test_callbacks_add_no_per_step_sync(tmp_path, callback):
+    make = PER_STEP_CALLBACKS[callback]
+    assert _loop_syncs(tmp_path, 30, [make()]) == _loop_syncs(tmp_path, 10, [make()])
