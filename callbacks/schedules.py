@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as L
+import torch
 
 from lit_robust.attacks import PGD
 
@@ -99,7 +100,8 @@ class AttackSchedule(L.Callback):
     def _set(self, pl_module: L.LightningModule, progress: float) -> None:
         value = self.value(progress)
         self.apply(pl_module.scheduled_attack(), value)
-        pl_module.log(f"train/{self.name}", value, on_step=False, on_epoch=True)
+        # a CPU tensor: Lightning would copy a Python number to the GPU, a blocking copy every step (per_step)
+        pl_module.log(f"train/{self.name}", torch.tensor(value), on_step=False, on_epoch=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"final": self.final}

@@ -21,6 +21,7 @@ from lit_robust.certify import (
     interval_bounds,
     robust_cross_entropy,
 )
+from lit_robust.certify.bounds import _specification
 from lit_robust.models import Normalize
 from lit_robust.models.certified_cnns import CNN3, CNN5, CNN7, ibp_init
 
@@ -264,3 +265,11 @@ def test_ibp_init_std():
     for layer in [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]:
         fan_in = layer.weight[0].numel()
         assert layer.weight.std().item() == pytest.approx(math.sqrt(2 * math.pi) / fan_in, rel=0.1)
+
+
+def test_specification_rows_are_e_y_minus_e_j_for_the_other_classes_in_order():
+    y = torch.tensor([0, 3, 9, 5])
+    C = _specification(y, 10, torch.zeros(1))
+    for b, label in enumerate(y.tolist()):
+        expected = torch.stack([torch.eye(10)[label] - torch.eye(10)[j] for j in range(10) if j != label])
+        assert torch.equal(C[b], expected)

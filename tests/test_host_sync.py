@@ -19,16 +19,20 @@ from lit_robust.callbacks import (EMA, AttackStepsSchedule, CatastrophicOverfitt
                                   FOSCSchedule)
 from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
 
-OPTIMIZER_FILE = os.path.join("torch", "optim", "optimizer.py")
+TORCH_OPTIM = os.path.join("torch", "optim")
+#: ops whose output size depends on tensor values: the host waits for them to learn it
+SHAPE_SYNCS = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
 SYNCS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu"}
 
 
 class HostSyncRecorder(TorchFunctionMode):
-    """Records the name of every tensor-to-host conversion run inside the ``with`` block.
+    """Records the name of every tensor-to-host conversion run inside the ``with`` block, and every tensor made
+    from Python data on an explicit device (``torch.tensor(0.5, device=...)``: on a GPU a copy that waits for
+    the queue; Lightning's ``self.log`` of a Python number makes one).
 
-    Except one: ``torch.optim``'s ``_get_value`` reads an optimizer's step counter with ``.item()``, and that
-    counter is a CPU tensor unless the optimizer is ``capturable`` or ``fused``, so on a GPU it does not wait for
-    the device (Adam's step does this for every parameter).
+    Except in ``torch.optim``'s own code: it keeps an optimizer's step counters on the CPU (unless the optimizer
+    is ``capturable`` or ``fused``), so making them (``torch.tensor(0.0, device="cpu")``) and reading them
+    (``.item()``, for every parameter in Adam's step) does not wait for a GPU.
     """
 
     def __init__(self):
@@ -37,13 +41,27 @@ class HostSyncRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in SYNCS and not _reads_an_optimizer_step_counter(sys._getframe(1)):
+        if _in_torch_optim(sys._getframe(1)):
+            pass
+        elif name in SYNCS or name in SHAPE_SYNCS:
             self.seen.append(name)
+        elif name == "__getitem__" and any(_is_mask(i) for i in _indices(args[1])):
+            self.seen.append("__getitem__(mask)")  # the result's size depends on the mask's values
+        elif func in (torch.tensor, torch.as_tensor) and (kwargs or {}).get("device") is not None:
+            self.seen.append(f"{name}(device=...)")  # Python data copied to the device: a blocking copy on a GPU
         return func(*args, **(kwargs or {}))
 
 
-def _reads_an_optimizer_step_counter(caller) -> bool:
-    return caller.f_code.co_name == "_get_value" and caller.f_code.co_filename.endswith(OPTIMIZER_FILE)
+def _indices(index) -> tuple:
+    return index if isinstance(index, tuple) else (index,)
+
+
+def _is_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype == torch.bool
+
+
+def _in_torch_optim(caller) -> bool:
+    return os.path.dirname(caller.f_code.co_filename).endswith(TORCH_OPTIM)
 
 
 def test_the_recorder_sees_the_usual_syncs():
@@ -54,7 +72,10 @@ def test_the_recorder_sees_the_usual_syncs():
             pass
         int(x.argmax()), float(x[0]), x.tolist()
         torch.where(x > 0.5, x, 0.0).sum()  # a mask: no sync
-    assert recorder.seen == ["item", "__bool__", "__int__", "__float__", "tolist"]
+        torch.tensor(0.5, device=x.device), torch.tensor(0.5)  # to the model's device, and a CPU scalar
+        x[x > 0.5], x[:, None][x > 0.5, 0], x[1:], x[torch.tensor([0, 2])], (x > 0.5).nonzero()
+    assert recorder.seen == ["item", "__bool__", "__int__", "__float__", "tolist", "tensor(device=...)",
+                             "__getitem__(mask)", "__getitem__(mask)", "nonzero"]
 
 
 def test_the_recorder_lets_an_optimizer_read_its_cpu_step_counter():

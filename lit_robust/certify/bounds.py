@@ -155,8 +155,9 @@ def interval_bounds(net: nn.Sequential, x: Tensor, eps: float) -> tuple[Tensor, 
 def _specification(y: Tensor, num_classes: int, like: Tensor) -> Tensor:
     """``C [B, K-1, K]`` with rows ``e_y - e_j`` for ``j != y`` (increasing ``j``)."""
     eye = torch.eye(num_classes, dtype=like.dtype, device=like.device)
-    classes = torch.arange(num_classes, device=y.device).expand(len(y), -1)
-    others = classes[classes != y[:, None]].view(len(y), num_classes - 1)
+    # the j-th class other than y is j, or j + 1 from y on: no boolean mask, whose size the host would wait for
+    j = torch.arange(num_classes - 1, device=y.device)
+    others = j + (j >= y[:, None])
     return eye[y].unsqueeze(1) - eye[others]
 
 

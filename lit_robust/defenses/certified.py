@@ -108,7 +108,8 @@ class CertifiedTraining(AdversarialModule):
         with torch.no_grad():  # BN running statistics and train/clean_acc; the bounds use their own pass
             clean_logits = self.model(x)
         loss = self.certified_loss(x, y)
-        self.log("train/crown_beta", self.objective.beta, on_step=False, on_epoch=True)
+        # a CPU tensor: Lightning would copy a Python number to the GPU, a blocking copy every step
+        self.log("train/crown_beta", torch.tensor(self.objective.beta), on_step=False, on_epoch=True)
         return TrainingOutput(loss, clean_logits=clean_logits)
 
     def certified_loss(self, x: Tensor, y: Tensor) -> Tensor:
