@@ -32,9 +32,10 @@ bench=("$py" -P benchmarks/throughput.py --device "${DEVICE:-cuda}" --batch-size
 run 150 "${bench[@]}" --models preactresnet18 --steps 20 --warmup 5 --repeats 3 --out "$out/gpu_preactresnet18.json"
 run 170 "${bench[@]}" --models wrn-34-10 --steps 6 --warmup 2 --repeats 2 --out "$out/gpu_wrn34.json"
 # 2. the CUDA cases of the test suite: bf16 for every defense, torch's sync detector inside every training
-#    step, inductor with input gradients, smoothing counts on the device
+#    step and whole batch (callbacks included), inductor with input gradients, on-device data, smoothing
+#    counts on the device
 run 150 "$py" -P -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_host_sync.py \
-    tests/test_randomized_smoothing.py tests/test_ddp.py -k "cuda or inductor or sync_batchnorm" -rs 2>&1 \
+    tests/test_arrays.py tests/test_randomized_smoothing.py tests/test_ddp.py -k "cuda or inductor or sync_batchnorm" -rs 2>&1 \
     | tee "$out/pytest_cuda.log"
 # 3. torch.compile (inductor) on the smaller network
 run 90 "${bench[@]}" --models preactresnet18 --defenses pgdat fastat --steps 20 --warmup 5 --repeats 1 --compile \

@@ -4,7 +4,7 @@ import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-from digits_bench import quiet_trainer
+from digits_bench import ACCELERATORS, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_robust.datamodules.arrays import ArrayDataset, DeviceBatches, ImageDataModule, held_out_split, random_crop_flip
@@ -92,17 +92,19 @@ def test_device_batches_shard_ranks_and_reshuffle_per_epoch():
     assert torch.equal(torch.cat([y for _, y in plain]), labels)
 
 
-def test_on_device_mode_serves_the_same_splits_without_a_dataloader(tmp_path):
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_on_device_mode_serves_the_same_splits_without_a_dataloader(tmp_path, accelerator):
     dm = MemoryImages(val_size=12, batch_size=16, on_device=True, augment=False)
     module = PGDAT(_cnn(), eps=8 / 255, steps=1,
                    val_attack_steps=1, test_attack_steps=1)
-    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, accelerator=accelerator)
     trainer.fit(module, dm)
     loader = dm.train_dataloader()
     assert isinstance(loader, DeviceBatches) and len(loader) == 3  # 48 training images / 16
+    assert all(x.device.type == y.device.type == accelerator for x, y in loader)  # no copy per step
     assert sorted(torch.cat([y for _, y in loader]).tolist()) == sorted(dm.arrays["train"][1].tolist())
-    val_x = torch.cat([x for x, _ in dm.val_dataloader()])
-    assert torch.equal(val_x, dm.arrays["val"][0].float() / 255)
+    val_x = torch.cat([x for x, _ in dm.val_dataloader()]).cpu()
+    assert torch.equal(val_x, dm.arrays["val"][0].cpu().float() / 255)
     assert trainer.callback_metrics["val/robust_acc"] >= 0
 
 

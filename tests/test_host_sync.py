@@ -9,6 +9,7 @@ so is what Lightning does between steps (the non-finite-loss check at logging in
 import os
 import sys
 
+import lightning.pytorch as L
 import pytest
 import torch
 from digits_bench import ACCELERATORS, tiny_defense, training_only_trainer
@@ -153,3 +154,39 @@ PER_STEP_CALLBACKS = {
 def test_callbacks_add_no_per_step_sync(tmp_path, callback):
     make = PER_STEP_CALLBACKS[callback]
     assert _loop_syncs(tmp_path, 30, [make()]) == _loop_syncs(tmp_path, 10, [make()])
+
+
+class _OpenSyncWindow(L.Callback):
+    """First in the callback list: from each batch's start but the first's, torch's CUDA detector raises."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx > 0:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_exception(self, trainer, pl_module, exception):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class _CloseSyncWindow(L.Callback):
+    """Last in the list: the window closes after every callback's batch end (the module's own check follows)."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode("default")
+        self.batches += 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["PGDAT", "FreeAT", "CertifiedTraining", *PER_STEP_CALLBACKS])
+def test_cuda_batches_run_without_waiting_for_the_device(tmp_path, name):
+    """On a GPU, the whole batch (the callbacks' per-step hooks, training step, backward, optimizer step) under
+    torch's detector: any CUDA call that waits for the device raises."""
+    callbacks = [PER_STEP_CALLBACKS[name]()] if name in PER_STEP_CALLBACKS else []
+    module = tiny_defense("PGDAT" if name in PER_STEP_CALLBACKS else name)
+    close = _CloseSyncWindow()
+    trainer = training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=5, accelerator="cuda",
+                                    callbacks=[_OpenSyncWindow(), *callbacks, close])
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    assert close.batches == 5
