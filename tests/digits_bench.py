@@ -6,9 +6,13 @@ standard-trained network of the same size under the same attack.
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Callable, Optional
+
 import lightning.pytorch as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lit_robust.attacks import PGD
 from lit_robust.datamodules import DigitsDataModule
@@ -108,3 +112,42 @@ def tiny_defense(name: str, **kwargs) -> AdversarialModule:
     if name in CERTIFIED_DEFENSES:
         return CERTIFIED_DEFENSES[name](SmallCNN(width=4), sigma=0.25, **kwargs)
     return DEFENSES[name](SmallCNN(width=4), eps=EPS, steps=2, step_size=0.1, **kwargs)
+
+
+class OpLog(TorchDispatchMode):
+    """Counts the aten ops run while active (backward passes included), keyed by ``name_of(func, args)``
+    (default ``str(func)``, e.g. ``aten._local_scalar_dense.default``); ops it names ``None`` are not counted."""
+
+    def __init__(self, name_of: Optional[Callable] = None) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.name_of = name_of or (lambda func, args: str(func))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = self.name_of(func, args)
+        if name is not None:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class AttackSideEffects:
+    """Sets a ``SmallCNN`` to train mode with one BatchNorm the user froze on purpose (``features[4]``) and
+    remembers what an attack must leave as it found: every submodule's flag and ``features[1]``'s running mean."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        net.train()
+        net.features[4].eval()
+        self.net = net
+        self.flags, self.stats = self._flags(), net.features[1].running_mean.clone()
+
+    def _flags(self) -> dict[str, bool]:
+        return {name: m.training for name, m in self.net.named_modules()}
+
+    def flags_restored(self) -> bool:
+        return self._flags() == self.flags
+
+    def assert_untouched(self) -> None:
+        """Flags restored, running statistics unchanged, no parameter gradient left."""
+        assert self.flags_restored()
+        assert torch.equal(self.net.features[1].running_mean, self.stats)
+        assert all(p.grad is None for p in self.net.parameters())

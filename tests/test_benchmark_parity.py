@@ -3,13 +3,11 @@ the framework's overhead: per training step, both run the same convolutions, mat
 forward and backward, in the number the cost model counts."""
 
 import importlib.util
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from digits_bench import training_only_trainer
-from torch.utils._python_dispatch import TorchDispatchMode
+from digits_bench import OpLog, training_only_trainer
 
 _spec = importlib.util.spec_from_file_location("throughput", Path(__file__).parents[1] / "benchmarks" / "throughput.py")
 throughput = importlib.util.module_from_spec(_spec)
@@ -19,21 +17,13 @@ COMPUTE = ("convolution", "convolution_backward", "addmm", "mm", "native_batch_n
            "native_batch_norm_backward")
 
 
-class _ComputeOps(TorchDispatchMode):
-    """Counts the compute-bound aten ops (forward and backward) run while active; a convolution's backward by
-    which gradients it computes (input, weight, bias), so an attack that also computed weight gradients shows."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name == "convolution_backward":
-            name += str(tuple(args[-1]))  # output_mask
-        if name.startswith(COMPUTE):
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
+def _compute_op(func, args):
+    """The compute-bound aten ops (forward and backward); a convolution's backward by which gradients it computes
+    (input, weight, bias), so an attack that also computed weight gradients shows."""
+    name = func.overloadpacket.__name__
+    if name == "convolution_backward":
+        name += str(tuple(args[-1]))  # output_mask
+    return name if name.startswith(COMPUTE) else None
 
 
 def _tiny_model():
@@ -47,7 +37,7 @@ def _batch():
 
 def library_ops(defense, tmp_path):
     module = throughput.library_module(defense, _tiny_model())
-    ops = _ComputeOps()
+    ops = OpLog(_compute_op)
 
     class Record(throughput.L.Callback):
         def on_train_batch_start(self, *args):
@@ -65,7 +55,7 @@ def plain_ops(defense):
     model = _tiny_model()
     optimizer = throughput.sgd(model.parameters())
     x, y = _batch()
-    with _ComputeOps() as ops:
+    with OpLog(_compute_op) as ops:
         throughput.plain_step(defense, model, optimizer, x, y)
     return ops.counts
 

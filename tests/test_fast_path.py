@@ -14,12 +14,13 @@ from lit_robust.models import SmallCNN
 
 
 class _Inputs(L.Callback):
-    """Records the output dtype and the input memory format of the model's first conv at every call."""
+    """Records the output dtype and the input memory format of the model's first conv at every call
+    (from ``fit``, ``validate`` or ``test``)."""
 
     def __init__(self):
         self.channels_last, self.dtypes = [], set()
 
-    def on_fit_start(self, trainer, pl_module):
+    def setup(self, trainer, pl_module, stage):
         first = next(m for m in pl_module.model.modules() if isinstance(m, torch.nn.Conv2d))
         first.register_forward_hook(self._record)
 
@@ -99,21 +100,10 @@ def test_fast_path_arguments_are_checked():
         PGDAT(SmallCNN(width=4), compile_model="yes")
 
 
-class _ValidationDtypes(L.Callback):
-    """The output dtypes of the model's first conv during validation."""
-
-    def __init__(self):
-        self.dtypes = set()
-
-    def on_validation_start(self, trainer, pl_module):
-        first = next(m for m in pl_module.model.modules() if isinstance(m, torch.nn.Conv2d))
-        first.register_forward_hook(lambda module, inputs, output: self.dtypes.add(output.dtype))  # returns None
-
-
 @pytest.mark.parametrize("name", ["PGDAT", "GaussianAugmentation"])  # the base's evaluation, and one of its own
 @pytest.mark.parametrize("val_fp32", [True, False])
 def test_validation_runs_in_fp32_under_bf16_unless_asked_not_to(tmp_path, name, val_fp32):
-    module, seen = tiny_defense(name, val_fp32=val_fp32), _ValidationDtypes()
+    module, seen = tiny_defense(name, val_fp32=val_fp32), _Inputs()
     trainer = quiet_trainer(tmp_path, limit_val_batches=1, precision="bf16-mixed", callbacks=[seen])
     (metrics,) = trainer.validate(module, DigitsDataModule(batch_size=16))
     assert seen.dtypes == ({torch.float32} if val_fp32 else {torch.bfloat16})

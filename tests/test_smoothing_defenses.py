@@ -7,7 +7,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
-from digits_bench import InferenceModeSeen, digits, fit_on_digits, quiet_trainer, sgd
+from digits_bench import AttackSideEffects, InferenceModeSeen, digits, fit_on_digits, quiet_trainer, sgd
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_robust.attacks import smoothmix_attack
@@ -148,17 +148,11 @@ def test_mix_step_returns_that_iterate(tiny_cnn, batch):
 
 def test_attack_runs_in_eval_mode_restores_flags_and_leaves_no_gradients(tiny_cnn, batch):
     x, y = batch
-    tiny_cnn.train()
-    tiny_cnn.features[4].eval()  # a BatchNorm the user froze on purpose
-    before = {name: m.training for name, m in tiny_cnn.named_modules()}
-    stats = tiny_cnn.features[1].running_mean.clone()
-    seen = []
+    probe, seen = AttackSideEffects(tiny_cnn), []
     tiny_cnn.features[1].register_forward_hook(lambda m, i, o: seen.append((m.training, i[0].shape[0])))
     smoothmix_attack(tiny_cnn, x, y, 0.25 * torch.randn(3, *x.shape), steps=2, step_size=0.5)
     assert seen == [(False, 3 * len(y))] * 2  # one eval-mode forward of m*B images per step
-    assert {name: m.training for name, m in tiny_cnn.named_modules()} == before
-    assert torch.equal(tiny_cnn.features[1].running_mean, stats)
-    assert all(p.grad is None for p in tiny_cnn.parameters())
+    probe.assert_untouched()
 
 
 def test_attack_arguments(tiny_cnn, batch):

@@ -6,7 +6,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
-from digits_bench import EPS, digits_accuracy, fit_on_digits, sgd
+from digits_bench import EPS, AttackSideEffects, digits_accuracy, fit_on_digits, sgd
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -172,20 +172,14 @@ def test_attack_increases_the_kl_inside_ball_and_box(tiny_cnn, batch, norm, eps)
 
 def test_attack_runs_one_clean_forward_in_eval_mode_and_restores_flags(tiny_cnn, batch):
     x, y = batch
-    tiny_cnn.train()
-    tiny_cnn.features[4].eval()  # a BatchNorm the user froze on purpose
-    before = {name: m.training for name, m in tiny_cnn.named_modules()}
-    stats = tiny_cnn.features[1].running_mean.clone()
-    seen = []
+    probe, seen = AttackSideEffects(tiny_cnn), []
     tiny_cnn.features[1].register_forward_hook(lambda m, i, o: seen.append(m.training))
     TradesKLAttack(0.1, steps=4)(tiny_cnn, x, y)
     assert seen == [False] * 5  # the clean logits once, then one forward per step (the official: 2 per step)
-    assert {name: m.training for name, m in tiny_cnn.named_modules()} == before
-    assert torch.equal(tiny_cnn.features[1].running_mean, stats)
-    assert all(p.grad is None for p in tiny_cnn.parameters())
+    probe.assert_untouched()
     seen.clear()
     TradesKLAttack(0.1, steps=2, bn_mode="train")(tiny_cnn, x, y)
-    assert seen == [True] * 3 and {name: m.training for name, m in tiny_cnn.named_modules()} == before
+    assert seen == [True] * 3 and probe.flags_restored()
 
 
 def test_run_reports_the_kl_and_ignores_labels(tiny_cnn, batch):
