@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_robust.attacks import PGD
+from lit_robust.batches import module_batch
 
 METRIC = "train/co_check_acc"
 
@@ -171,7 +172,7 @@ class CatastrophicOverfittingMonitor(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if batch_idx == 0:
-            x, y = batch
+            x, y = module_batch(pl_module, batch)
             self._batch = (x.detach().clone(), y.detach().clone())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -81,11 +82,17 @@ class EMA(WeightAveraging):
 
     As in ``WeightAveraging``: validation during fit swaps the averaged weights in and back out;
     when fit ends the LightningModule keeps the averaged weights (``trainer.test`` after fit
-    tests them); a checkpoint holds the averaged weights in ``state_dict`` (so
-    ``trainer.test(ckpt_path=...)`` and ``load_from_checkpoint`` give the EMA model) and the
-    live ones in ``current_model_state``, and resuming with ``ckpt_path`` restores both and
-    ``n_averaged`` exactly. The callback's own ``state_dict`` (the step of the last update) is
-    all the schedule needs beyond that; it never updates per epoch.
+    tests them); a checkpoint holds the averaged weights in ``state_dict`` and the live ones in
+    ``current_model_state``, and resuming with ``ckpt_path`` restores both and ``n_averaged``
+    exactly. The callback's own ``state_dict`` (the step of the last update) is all the schedule
+    needs beyond that; it never updates per epoch.
+
+    Evaluating a checkpoint always gives its averaged weights: ``trainer.test`` / ``validate`` /
+    ``predict`` with ``ckpt_path`` (also ``"best"`` in the Trainer that fitted, where
+    ``WeightAveraging`` would put the live weights back because its average is still alive),
+    a fresh Trainer, ``load_from_checkpoint``, ``lit-robust evaluate --ckpt`` and the export
+    all read ``state_dict``. Outside fit the callback neither swaps weights for validation nor
+    rewrites checkpoints: the module's weights are the ones evaluated and saved.
 
     Until the first update the average does not exist yet: validation, checkpoints and the end
     of fit then use the live weights (guard against Lightning bug #21724, where they got the
@@ -164,16 +171,27 @@ class EMA(WeightAveraging):
         return self._latest_update_step == 0 or step_idx + 1 - self._latest_update_step >= self.every_n_steps
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._live_until_first_update(pl_module)
-        super().on_validation_epoch_start(trainer, pl_module)
+        if _fitting(trainer):
+            self._live_until_first_update(pl_module)
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _fitting(trainer):
+            super().on_validation_epoch_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._live_until_first_update(pl_module)
         super().on_train_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._live_until_first_update(pl_module)
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if _fitting(trainer):
+            self._live_until_first_update(pl_module)
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming fit restores the live weights and the average; evaluation keeps ``state_dict``, the average."""
+        if _fitting(trainer):
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def _live_until_first_update(self, pl_module: L.LightningModule) -> None:
         """Lightning #21724: before the first update, make the average the live weights."""
@@ -181,3 +199,7 @@ class EMA(WeightAveraging):
         if average is not None and self._latest_update_step == 0:  # read on the host, unlike n_averaged
             average.update_parameters(pl_module)  # a first update copies the live weights ...
             average.n_averaged.zero_()  # ... but this one does not count
+
+
+def _fitting(trainer: L.Trainer) -> bool:
+    return trainer.state.fn == TrainerFn.FITTING

@@ -13,17 +13,22 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
 from lit_robust.attacks.pgd import PGD, module_mode
+from lit_robust.batches import module_batch
 
 TAG = "adversarial_examples"
+MIN_SIDE = 64  # pixels: TensorBoard shows images at their own size, and an 8x8 digit is a speck
+PAD = 2  # pixels between grid cells (make_grid's default)
 
 
 def amplified_perturbation(delta: Tensor, eps: float, norm: str) -> Tensor:
@@ -39,6 +44,32 @@ def amplified_perturbation(delta: Tensor, eps: float, norm: str) -> Tensor:
     return (0.5 + delta / (2 * peak)).clamp(0, 1)
 
 
+def upsampled(images: Tensor, min_side: int = MIN_SIDE) -> Tensor:
+    """Nearest-neighbour enlargement by the smallest integer factor giving a short side >= ``min_side``
+    (8x8: 8 times, 32x32: twice, 64x64: unchanged), so every pixel stays a sharp square."""
+    factor = -(-min_side // min(images.shape[-2:]))
+    return images.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+
+
+def captioned_grid(rows: Tensor, labels: Tensor, clean: Tensor, adversarial: Tensor) -> np.ndarray:
+    """The ``[3 * n, C, H, W]`` rows as a uint8 ``[height, width, 3]`` picture, one column per image, each
+    captioned below with its true label ``y``, and the ``clean`` and ``adv`` predictions (green when
+    right, red when wrong), in PIL's default font."""
+    grid = make_grid(rows.float().cpu(), nrow=len(labels), padding=PAD)
+    pixels = grid.mul(255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # truncates, as TensorBoard does
+    font = ImageFont.load_default()
+    line = font.getbbox("Ag=0")[3] + 2
+    picture = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + 3 * line + PAD))
+    picture.paste(Image.fromarray(pixels), (0, 0))
+    draw = ImageDraw.Draw(picture)
+    for i, (y, c, a) in enumerate(zip(labels.tolist(), clean.tolist(), adversarial.tolist())):
+        left = PAD + i * (rows.shape[-1] + PAD)
+        for j, (text, right) in enumerate([(f"y={y}", None), (f"clean={c}", c == y), (f"adv={a}", a == y)]):
+            colour = "white" if right is None else "lime" if right else "red"
+            draw.text((left, pixels.shape[0] + j * line), text, fill=colour, font=font)
+    return np.asarray(picture)
+
+
 class AdversarialExampleLogger(Callback):
     """Logs clean images, their adversarial versions and the perturbations to TensorBoard.
 
@@ -51,8 +82,10 @@ class AdversarialExampleLogger(Callback):
 
     Each time one image goes to tag ``adversarial_examples`` at the global step: a grid with
     one column per image and three rows, clean, adversarial, and the perturbation made
-    visible by :func:`amplified_perturbation`. Beside it, ``adversarial_examples/labels``
-    holds a table of the true label and the clean and adversarial predictions per column.
+    visible by :func:`amplified_perturbation`, enlarged to at least 64 pixels a side by
+    :func:`upsampled`, each column captioned below with the true label and the clean and
+    adversarial predictions (:func:`captioned_grid`). Beside it, ``adversarial_examples/labels``
+    holds the same as a table.
 
     Args:
         every_n_epochs: log every n-th training epoch (>= 1).
@@ -90,13 +123,13 @@ class AdversarialExampleLogger(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if batch_idx == dataloader_idx == 0:
-            self._keep(trainer, "val", batch)
+            self._keep(trainer, "val", module_batch(pl_module, batch))
 
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self.log_test and batch_idx == dataloader_idx == 0:
-            self._keep(trainer, "test", batch)
+            self._keep(trainer, "test", module_batch(pl_module, batch))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
@@ -126,7 +159,8 @@ class AdversarialExampleLogger(Callback):
                 clean = pl_module(x).argmax(1)
         rows = torch.cat([x, result.x_adv, amplified_perturbation(result.x_adv - x, attack.eps, attack.norm)])
         tag = TAG if stage == "val" else f"test/{TAG}"
-        writer.add_image(tag, make_grid(rows.float().cpu(), nrow=len(x)), trainer.global_step)
+        picture = captioned_grid(upsampled(rows), y, clean, result.predictions)
+        writer.add_image(tag, picture, trainer.global_step, dataformats="HWC")
         writer.add_text(f"{tag}/labels", _label_table(y, clean, result.predictions), trainer.global_step)
 
     def _writer(self, trainer: L.Trainer) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as L
 import torch
@@ -10,7 +10,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lit_robust.attacks import PGD
-from lit_robust.callbacks.schedules import AttackSchedule
+from lit_robust.attacks.pgd import FOSC_REFERENCES
+from lit_robust.callbacks.schedules import AttackSchedule, scheduled_attack
 
 
 class FOSCSchedule(AttackSchedule):
@@ -28,6 +29,8 @@ class FOSCSchedule(AttackSchedule):
     with eps 0.031, step eps/4, K = 10 (``configs/cifar10/dynamic_at.yaml``). FOSC is
     computed from per-example (summed, not averaged) cross-entropy gradients with respect
     to [0, 1] pixels, as the official code does; c_max means nothing at another scale.
+    ``x`` in the formula is the clean image, as in the paper; the official ``pgd_attack.py``
+    measures from the random start instead (``fosc_reference="start"``).
 
     Works with any defense whose training attack is a PGD (``pl_module.scheduled_attack()``):
     PGD-AT, TRADES (FOSC of its KL objective), MART, Fast AT. Logged: ``train/fosc_threshold``,
@@ -43,22 +46,34 @@ class FOSCSchedule(AttackSchedule):
     collective; with ``attack_bn_mode="train"`` and SyncBatchNorm every attack forward would
     be one, and ranks running different numbers of them would deadlock, so that combination
     is refused.
+
+    Args:
+        c_max, dynamic_epochs: c_t starts at ``c_max`` and reaches 0 at epoch ``dynamic_epochs``.
+        log_histogram: log the epoch's FOSC values to TensorBoard.
+        fosc_reference: set the attack's :class:`~lit_robust.attacks.PGD` ``fosc_reference``:
+            ``"clean"`` (the paper) or ``"start"`` (the official code); None keeps the attack's own.
     """
 
     name = "fosc_threshold"
 
-    def __init__(self, c_max: float = 0.5, dynamic_epochs: float = 100.0, log_histogram: bool = True) -> None:
+    def __init__(self, c_max: float = 0.5, dynamic_epochs: float = 100.0, log_histogram: bool = True,
+                 fosc_reference: Optional[Literal["clean", "start"]] = None) -> None:
         if c_max < 0:
             raise ValueError(f"c_max must be >= 0, got {c_max}")
+        if fosc_reference is not None and fosc_reference not in FOSC_REFERENCES:
+            raise ValueError(f"fosc_reference must be one of {FOSC_REFERENCES} or None, got {fosc_reference!r}")
         super().__init__(ramp_epochs=dynamic_epochs, start=c_max, final=0.0)
         self.log_histogram = log_histogram
+        self.fosc_reference = fosc_reference
         self._epoch_fosc: list[Tensor] = []
 
     def apply(self, attack: PGD, value: float) -> None:
         attack.set_fosc_threshold(value)
+        if self.fosc_reference is not None:
+            attack.fosc_reference = self.fosc_reference
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        attack = pl_module.scheduled_attack()
+        attack = scheduled_attack(pl_module, self)
         synced = any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules())
         if synced and attack.bn_mode == "train":
             raise ValueError("FOSCSchedule with SyncBatchNorm needs attack_bn_mode='eval': ranks stopping their "

@@ -20,6 +20,17 @@ from lit_robust.attacks import PGD
 SHAPES = ("linear", "smoothed")
 
 
+def scheduled_attack(pl_module: L.LightningModule, schedule: L.Callback) -> PGD:
+    """The module's training attack for ``schedule`` to set, or an error saying what a schedule needs."""
+    find = getattr(pl_module, "scheduled_attack", None)
+    if find is None:
+        raise TypeError(f"{type(schedule).__name__} sets the training attack of a lit_robust defense "
+                        f"(lit_robust.defenses, through its scheduled_attack()); {type(pl_module).__name__} has "
+                        "none: train with a defense, or give your LightningModule a scheduled_attack() method "
+                        "returning the lit_robust.attacks.PGD its training_step runs")
+    return find()
+
+
 def ramp(u: float, shape: str = "linear", mid: float = 0.25, beta: float = 4.0) -> float:
     """A ramp from 0 at ``u <= 0`` to 1 at ``u >= 1``.
 
@@ -86,7 +97,7 @@ class AttackSchedule(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.final is None:
-            self.final = self.target(pl_module.scheduled_attack())
+            self.final = self.target(scheduled_attack(pl_module, self))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.per_step:
@@ -99,7 +110,7 @@ class AttackSchedule(L.Callback):
 
     def _set(self, pl_module: L.LightningModule, progress: float) -> None:
         value = self.value(progress)
-        self.apply(pl_module.scheduled_attack(), value)
+        self.apply(scheduled_attack(pl_module, self), value)
         # a CPU tensor: Lightning would copy a Python number to the GPU, a blocking copy every step (per_step)
         pl_module.log(f"train/{self.name}", torch.tensor(value), on_step=False, on_epoch=True)
 
@@ -115,9 +126,9 @@ class EpsilonSchedule(AttackSchedule):
 
     The step size is scaled with eps (:meth:`~lit_robust.attacks.PGD.set_eps`), so an attack
     configured as 2/255 steps at 8/255 takes 1/255 steps at 4/255. ``final_eps`` defaults to
-    the attack's own eps. Certified training (Gowal et al. 2018; Zhang et al., CROWN-IBP,
-    ICLR 2020) ramps eps linearly per step after a warm-up at 0; Shi et al. (NeurIPS 2021)
-    use the ``"smoothed"`` shape. At eps 0 the attack returns the clean batch (its passes
+    the attack's own eps. Certified training ramps eps per step after a warm-up at 0: linearly
+    in Gowal et al. (2018) and most CROWN-IBP configs (Zhang et al., ICLR 2020), with the
+    ``"smoothed"`` shape in CROWN-IBP's DM-large configs and Shi et al. (NeurIPS 2021). At eps 0 the attack returns the clean batch (its passes
     still run).
     """
 

@@ -57,25 +57,31 @@ class CropFlip:
         return random_crop_flip(x, self.pad, self.flip)
 
 
-def to_unit_float(images: Tensor) -> Tensor:
-    """uint8 pixels to float32 in [0, 1]."""
-    return images.to(torch.float32).div_(255.0)
+def to_unit_float(images: Tensor, max_value: int = 255) -> Tensor:
+    """uint8 pixels to float32 in [0, 1]; ``max_value`` is the stored value of white (255, the digits' 16)."""
+    return images.to(torch.float32).div_(float(max_value))
 
 
 class ArrayDataset(Dataset):
     """``(image, label)`` pairs from uint8 ``[N, C, H, W]`` images: float [0, 1], optionally augmented."""
 
-    def __init__(self, images: Tensor, labels: Tensor, augment: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, augment: Optional[Callable[[Tensor], Tensor]] = None,
+                 max_value: int = 255) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"images must be uint8 [N, C, H, W] with one label each, got {images.dtype} "
                              f"{tuple(images.shape)} and {len(labels)} labels")
-        self.images, self.labels, self.augment = images, labels, augment
+        self.images, self.labels, self.augment, self.max_value = images, labels, augment, max_value
+
+    @property
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """The whole split, never augmented: float [0, 1] images and labels (as ``TensorDataset.tensors``)."""
+        return to_unit_float(self.images, self.max_value), self.labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        x = to_unit_float(self.images[index])
+        x = to_unit_float(self.images[index], self.max_value)
         if self.augment is not None:
             x = self.augment(x[None])[0]
         return x, self.labels[index]
@@ -92,9 +98,10 @@ class DeviceBatches:
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool, seed: int = 0,
                  augment: Optional[Callable[[Tensor], Tensor]] = None, rank: int = 0, world_size: int = 1,
-                 epoch_fn: Callable[[], int] = lambda: 0) -> None:
+                 epoch_fn: Callable[[], int] = lambda: 0, max_value: int = 255) -> None:
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
         self.seed, self.augment, self.rank, self.world_size, self.epoch_fn = seed, augment, rank, world_size, epoch_fn
+        self.max_value = max_value
 
     def _indices(self) -> Tensor:
         n = len(self.labels)
@@ -113,7 +120,7 @@ class DeviceBatches:
         indices = self._indices()
         for start in range(0, len(indices), self.batch_size):
             index = indices[start:start + self.batch_size]
-            x = to_unit_float(self.images[index])
+            x = to_unit_float(self.images[index], self.max_value)
             yield (x if self.augment is None else self.augment(x)), self.labels[index]
 
 
@@ -130,12 +137,16 @@ class ImageDataModule(SplitDataModule):
     A subclass implements ``download`` (rank 0, in ``prepare_data``), ``verify`` (raise
     ``FileNotFoundError`` naming the missing or corrupt file and what was expected) and
     ``load(split) -> (uint8 [N, C, H, W], int64 labels)`` for ``"train"`` and ``"test"``;
-    class attributes ``pad`` and ``flip`` give its augmentation.
+    class attributes ``pad`` and ``flip`` give its augmentation, ``max_value`` the stored value
+    of white (default 255). One whose splits are not "test, and training minus ``val_size``"
+    overrides ``split_arrays`` instead of ``load``.
 
     Args:
         data_dir: where the files are (or go, with ``download``).
         download: fetch the files in ``prepare_data`` when missing or damaged (then check
-            them); nothing is fetched when they are in place. ``False`` only checks.
+            them); nothing is fetched when they are in place. ``False`` only checks. A failed
+            download raises :class:`~lit_robust.datamodules.files.DownloadError` saying where
+            to put the file by hand.
         batch_size, eval_batch_size, num_workers: as in ``SplitDataModule``.
         val_size: training images held out for validation (model selection), chosen by
             ``np.random.RandomState(seed).permutation``; the rest are trained on.
@@ -150,6 +161,7 @@ class ImageDataModule(SplitDataModule):
     dims: tuple[int, int, int]
     pad: int = 4
     flip: bool = True
+    max_value: int = 255
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  eval_batch_size: Optional[int] = None, num_workers: int = 4, val_size: int = 1000, seed: int = 0,
@@ -185,14 +197,18 @@ class ImageDataModule(SplitDataModule):
         if self.arrays:
             return
         self.verify()
+        self.arrays = self.split_arrays()
+        self.splits = {name: ArrayDataset(*arrays, self._augmentation() if name == "train" else None, self.max_value)
+                       for name, arrays in self.arrays.items()}
+
+    def split_arrays(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{"train" | "val" | "test": (uint8 images, labels)}``: ``val_size`` training images held out."""
         images, labels = self.load("train")
         if not self.val_size < len(labels):
             raise ValueError(f"val_size must be smaller than the {len(labels)} training images, got {self.val_size}")
         train_idx, val_idx = held_out_split(len(labels), self.val_size, self.seed)
-        self.arrays = {"train": (images[train_idx], labels[train_idx]), "val": (images[val_idx], labels[val_idx]),
-                       "test": self.load("test")}
-        self.splits = {name: ArrayDataset(*arrays, self._augmentation() if name == "train" else None)
-                       for name, arrays in self.arrays.items()}
+        return {"train": (images[train_idx], labels[train_idx]), "val": (images[val_idx], labels[val_idx]),
+                "test": self.load("test")}
 
     def _augmentation(self) -> Optional[CropFlip]:
         return CropFlip(self.pad, self.flip) if self.augment else None
@@ -207,7 +223,7 @@ class ImageDataModule(SplitDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return DeviceBatches(images, labels, size, shuffle=train, seed=self.seed,
                              augment=self._augmentation() if train else None, rank=rank, world_size=world,
-                             epoch_fn=self._epoch)
+                             epoch_fn=self._epoch, max_value=self.max_value)
 
     def _epoch(self) -> int:
         return 0 if self.trainer is None else self.trainer.current_epoch

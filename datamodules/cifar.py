@@ -9,7 +9,7 @@ from torch import Tensor
 from torchvision import datasets
 
 from lit_robust.datamodules.arrays import ImageDataModule
-from lit_robust.datamodules.files import check_file
+from lit_robust.datamodules.files import check_file, download_unless_complete
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -20,9 +20,11 @@ class CIFAR10DataModule(ImageDataModule):
       split of Rice et al.'s ``generate_validation.py``. Select checkpoints on it, never on test.
     * Augmentation (training only): 4-pixel reflect padding, random 32x32 crop, horizontal
       flip, as in locuslab/robust_overfitting (torchvision's default padding would be zeros).
-    * Files: torchvision's download (URL and archive MD5) when ``download=True``; every
-      pickle is checked against torchvision's MD5, and a missing or corrupt one is named
-      with the checksum it should have.
+    * Files: with ``download=True``, unless the pickles are all in place, torchvision's archive
+      (its URL and MD5; kept in ``data_dir``, and used instead of downloading when it is there)
+      extracted by :func:`~lit_robust.datamodules.files.safe_extract`; every pickle is checked
+      against torchvision's MD5, and a missing or corrupt one is named with the checksum it
+      should have.
 
     Other arguments: :class:`~lit_robust.datamodules.arrays.ImageDataModule` (``on_device``
     keeps the dataset on the accelerator).
@@ -33,8 +35,8 @@ class CIFAR10DataModule(ImageDataModule):
     dims = (3, 32, 32)
 
     def download(self) -> None:
-        for train in (True, False):
-            self.dataset_cls(self.data_dir, train=train, download=True)
+        cls = self.dataset_cls
+        download_unless_complete(self.verify, cls.url, self.data_dir, cls.filename, cls.tgz_md5)
 
     def verify(self) -> None:
         cls = self.dataset_cls

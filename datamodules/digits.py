@@ -5,49 +5,56 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils.data import TensorDataset
+from torch import Tensor
 
-from lit_robust.datamodules.base import SplitDataModule
+from lit_robust.datamodules.arrays import ImageDataModule
 
 
-class DigitsDataModule(SplitDataModule):
+class DigitsDataModule(ImageDataModule):
     """1,797 grey-scale 8x8 digits (UCI optdigits test set, shipped with scikit-learn), 10 classes.
 
-    Yields ``[B, 1, 8, 8]`` float tensors in [0, 1] (raw values 0..16 divided by 16) and
-    int64 labels. The train / val / test split is a seeded permutation, identical on every
-    rank and every run with the same ``seed``; the validation split is held out from
-    training for model selection (never select on the test split).
+    Yields ``[B, 1, 8, 8]`` float tensors in [0, 1] (raw values 0..16 divided by 16) and int64
+    labels. The images have no official split: a permutation seeded by ``seed``
+    (``torch.randperm``), the same on every rank and run, gives its first ``test_size`` images
+    to the test split, the next ``val_size`` to validation (held out from training for model
+    selection; never select on the test split) and the rest, 1,258 by default, to training.
+    The defaults, 359 and 180, are the 20% and 10% of earlier versions, with the same images.
+
+    Args:
+        batch_size, eval_batch_size, num_workers: as in ``SplitDataModule``.
+        val_size, test_size: see above; together fewer than 1,797.
+        seed: of the split and of the on-device shuffling.
+        augment: training augmentation, off by default: a random 8x8 crop of the 1-pixel
+            reflect-padded image, no flip (a mirrored digit is another glyph, or none).
+        on_device: as in :class:`~lit_robust.datamodules.arrays.ImageDataModule`.
     """
 
     num_classes = 10
     dims = (1, 8, 8)
+    pad, flip, max_value = 1, False, 16
+    num_images = 1797
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        eval_batch_size: Optional[int] = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
-        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction and test_fraction must be in (0, 1) with a sum < 1, got {val_fraction}, {test_fraction}"
-            )
+    def __init__(self, batch_size: int = 64, eval_batch_size: Optional[int] = None, val_size: int = 180,
+                 test_size: int = 359, seed: int = 0, num_workers: int = 0, augment: bool = False,
+                 on_device: bool = False) -> None:
+        super().__init__("", False, batch_size, eval_batch_size, num_workers, val_size, seed, augment, on_device)
+        if test_size < 1 or val_size + test_size >= self.num_images:
+            raise ValueError(f"test_size must be >= 1 and val_size + test_size < {self.num_images}, got test_size "
+                             f"{test_size} and val_size {val_size}")
+        self.test_size = test_size
+        self.remove_ignored_hparams(["data_dir", "download"])  # the base's, meaningless here
         self.save_hyperparameters()
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.splits:
-            return
+    def verify(self) -> None:
+        """Nothing to check: the images come with scikit-learn."""
+
+    def split_arrays(self) -> dict[str, tuple[Tensor, Tensor]]:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.long)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.hparams.seed))
-        n_test = round(len(y) * self.hparams.test_fraction)
-        n_val = round(len(y) * self.hparams.val_fraction)
-        parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-        self.splits = {name: TensorDataset(x[idx], y[idx]) for name, idx in parts.items()}
+        images = torch.from_numpy(digits.images.astype("uint8")).unsqueeze(1)  # values 0..16
+        labels = torch.from_numpy(digits.target).long()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        test, val = self.test_size, self.val_size
+        parts = {"train": order[test + val:], "val": order[test:test + val], "test": order[:test]}
+        return {name: (images[index], labels[index]) for name, index in parts.items()}

@@ -38,10 +38,25 @@ def check_file(path: PathLike, md5: Optional[str], hint: str) -> None:
             raise FileNotFoundError(f"{path} is corrupt: MD5 {actual}, expected {md5}; {hint}")
 
 
+class DownloadError(OSError):
+    """A dataset file could not be downloaded; the message says where to put it by hand."""
+
+
 def download(url: str, folder: PathLike, filename: str, md5: Optional[str]) -> Path:
-    """torchvision's download (skipped when a file with the right MD5 is there), then the checksum."""
-    download_url(url, str(folder), filename, md5)
+    """torchvision's download (skipped when a file with the right MD5 is there), then the checksum.
+
+    Every DataModule downloads through here. A failure (no network, a server error, a wrong
+    MD5) raises :class:`DownloadError` naming the file, the URL and the path where a copy
+    fetched by hand is picked up, chained to the original error.
+    """
     path = Path(folder) / filename
+    try:
+        download_url(url, str(folder), filename, md5)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision's MD5 check raises RuntimeError
+        checksum = f" (MD5 {md5})" if md5 else ""
+        raise DownloadError(f"could not download {filename} from {url}: {error}. Without network access, fetch it "
+                            f"elsewhere and put it at {path}{checksum}; with download=True it is then checked and "
+                            f"used instead of downloaded") from error
     check_file(path, md5, f"the download from {url} did not match; delete it and retry")
     return path
 

@@ -164,6 +164,88 @@ def test_fosc_threshold_zero_changes_nothing(tiny_cnn, batch):
     assert (gated.steps == 5).all()
 
 
+def _fosc_before_reference_option(x_adv, x, grad, eps):
+    """Linf FOSC exactly as computed before ``fosc_reference`` existed: from the clean image, in float32."""
+    g = grad.flatten(1).float()
+    return eps * g.abs().sum(1) - ((x_adv - x).flatten(1).float() * g).sum(1)
+
+
+def test_fosc_reference_clean_is_the_previous_behaviour_bit_for_bit(tiny_cnn, batch):
+    """The default, and ``"clean"``, reproduce the masked PGD and the FOSC of the code before the option."""
+    x, y = batch
+    tiny_cnn.eval()
+    eps, steps, step_size, ce = 0.1, 6, 0.03, AF.per_example_loss("ce")
+    tracked = _seeded(3, PGD(eps, steps=steps, step_size=step_size, track_fosc=True), tiny_cnn, x, y)
+    threshold = float(tracked.fosc.median())
+
+    torch.manual_seed(3)  # the previous loop, restated: FOSC from the clean x gates each step after the first
+    delta, active = AF.random_start(x, eps, "linf"), torch.ones(len(y), dtype=torch.bool)
+    for k in range(steps):
+        _, _, grad = AF.loss_and_input_grad(tiny_cnn, x, delta, y, ce)
+        if k > 0:
+            active = active & (_fosc_before_reference_option(x + delta, x, grad, eps) > threshold)
+        stepped = AF.project(AF.ascent_step(delta, grad, step_size, "linf"), x, eps, "linf")
+        delta = torch.where(active.view(-1, 1, 1, 1), stepped, delta)
+    x_adv = x + delta
+    _, _, grad = AF.loss_and_input_grad(tiny_cnn, x, x_adv - x, y, ce)
+    expected = _fosc_before_reference_option(x_adv, x, grad, eps)
+
+    for attack in (PGD(eps, steps=steps, step_size=step_size, fosc_threshold=threshold),
+                   PGD(eps, steps=steps, step_size=step_size, fosc_threshold=threshold, fosc_reference="clean")):
+        result = _seeded(3, attack, tiny_cnn, x, y)
+        assert torch.equal(result.x_adv, x_adv) and torch.equal(result.fosc, expected)
+        assert bool((result.steps < steps).any())  # the threshold did freeze examples
+
+
+@pytest.mark.parametrize("norm,eps", NORM_CASES)
+def test_fosc_reference_start_measures_from_the_random_start(tiny_cnn, batch, norm, eps):
+    """Official pgd_attack.py: eps * ||g||_* - <x_k - x_0, g>, x_0 the random start; differs from the paper's."""
+    x, y = batch
+    tiny_cnn.eval()
+    torch.manual_seed(11)
+    x0 = x + AF.random_start(x, eps, norm)  # the start the seeded attack draws
+    start = _seeded(11, PGD(eps, steps=4, norm=norm, track_fosc=True, fosc_reference="start"), tiny_cnn, x, y)
+    clean = _seeded(11, PGD(eps, steps=4, norm=norm, track_fosc=True), tiny_cnn, x, y)
+    assert torch.equal(start.x_adv, clean.x_adv)  # without a threshold only the reported FOSC changes
+    g = _per_example_grads(tiny_cnn, start.x_adv, y).flatten(1).double()
+    dual = g.abs().sum(1) if norm == "linf" else g.norm(dim=1)
+    expected = eps * dual - ((start.x_adv - x0).flatten(1).double() * g).sum(1)
+    assert torch.allclose(start.fosc.double(), expected, rtol=1e-4, atol=1e-7)
+    # the two differ by <x_0 - x, g>, far above float32 rounding (~1e-7 relative) on a random-start PGD
+    shift = ((x0 - x).flatten(1).double() * g).sum(1)
+    assert torch.allclose((start.fosc - clean.fosc).double(), shift, rtol=1e-3, atol=1e-8)
+    assert ((start.fosc - clean.fosc).abs() > 1e-4 * clean.fosc.abs()).all()
+
+
+def test_fosc_reference_start_gates_early_stopping_and_equals_clean_without_random_start(tiny_cnn, batch):
+    x, y = batch
+    tiny_cnn.eval()
+    tracked = _seeded(5, PGD(0.1, steps=6, step_size=0.03, track_fosc=True, fosc_reference="start"), tiny_cnn, x, y)
+    threshold = float(tracked.fosc.median())
+    stopped = _seeded(5, PGD(0.1, steps=6, step_size=0.03, fosc_threshold=threshold, fosc_reference="start"),
+                      tiny_cnn, x, y)
+    frozen = stopped.steps < 6
+    assert frozen.any() and (~frozen).any()
+    assert (stopped.fosc[frozen] <= threshold + 1e-6).all()  # frozen on the start-referenced FOSC
+    # without a random start the start is the clean image: identical runs
+    same = [PGD(0.1, steps=4, random_start=False, fosc_threshold=0.05, fosc_reference=r).run(tiny_cnn, x, y)
+            for r in ("clean", "start")]
+    assert torch.equal(same[0].x_adv, same[1].x_adv) and torch.equal(same[0].fosc, same[1].fosc)
+
+
+def test_fosc_keeps_float64_and_upcasts_low_precision(tiny_cnn, batch):
+    x, y = batch
+    model, x64 = tiny_cnn.double().eval(), x.double()
+    result = PGD(0.1, steps=3, track_fosc=True).run(model, x64, y)
+    assert result.fosc.dtype == torch.float64
+    g = _per_example_grads(model, result.x_adv, y).flatten(1)
+    expected = 0.1 * g.abs().sum(1) - ((result.x_adv - x64).flatten(1) * g).sum(1)
+    assert torch.allclose(result.fosc, expected, rtol=1e-12, atol=1e-15)  # float32 would be off by ~1e-7
+    grad = torch.randn_like(x)
+    assert fosc(x, x, grad.bfloat16(), 0.1).dtype == torch.float32
+    assert fosc(x.half(), x.half(), grad.half(), 0.1).dtype == torch.float32
+
+
 def test_restarts_are_never_worse_than_the_first_run(tiny_cnn, batch):
     x, y = batch
     tiny_cnn.eval()
@@ -206,6 +288,7 @@ def test_fgsm_step_defaults():
     ({"eps": 0.1, "norm": "l1"}, "norm"), ({"eps": 0.1, "loss": "hinge"}, "loss"),
     ({"eps": 0.1, "bn_mode": "frozen"}, "bn_mode"), ({"eps": 0.1, "restarts": 0}, "restarts"),
     ({"eps": 0.1, "fosc_threshold": -0.5}, "fosc_threshold"),
+    ({"eps": 0.1, "fosc_reference": "origin"}, "fosc_reference"),
 ])
 def test_bad_arguments_are_rejected_by_name(kwargs, name):
     with pytest.raises(ValueError, match=name):

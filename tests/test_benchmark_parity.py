@@ -40,14 +40,18 @@ def library_ops(defense, tmp_path):
     ops = OpLog(_compute_op)
 
     class Record(throughput.L.Callback):
-        def on_train_batch_start(self, *args):
-            ops.__enter__()
+        """The second step: the first batch of an epoch also runs the input check's forward."""
 
-        def on_train_batch_end(self, *args):
-            ops.__exit__(None, None, None)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:
+                ops.__enter__()
 
-    trainer = training_only_trainer(tmp_path, max_steps=1, precision="32-true", callbacks=[Record()])
-    trainer.fit(module, train_dataloaders=throughput._Batches([_batch()]))
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                ops.__exit__(None, None, None)
+
+    trainer = training_only_trainer(tmp_path, max_steps=2, precision="32-true", callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=throughput._Batches([_batch(), _batch()]))
     return ops.counts
 
 

@@ -1,8 +1,11 @@
 """CIFAR10DataModule on small files written in CIFAR-10's real on-disk format (python pickles + tar.gz)."""
 
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
+from unittest.mock import Mock
+from urllib.error import URLError
 
 import lightning.pytorch as L
 import numpy as np
@@ -13,6 +16,7 @@ from fake_server import md5, serve
 
 from lit_robust.cli import main
 from lit_robust.datamodules import CIFAR10DataModule, CIFAR100DataModule
+from lit_robust.datamodules.files import DownloadError
 from lit_robust.defenses import PGDAT
 from lit_robust.models import CIFAR10_MEAN, CIFAR10_STD, SmallCNN
 
@@ -138,8 +142,9 @@ def test_bad_files_are_named_with_their_checksum(fake_cifar, damage):
         CIFAR10DataModule(str(data_dir), download=False).prepare_data()
 
 
-def test_download_goes_through_torchvision_archive_check(tmp_path, monkeypatch):
-    """download=True fetches the archive, verifies its MD5, extracts it; here the 'server' is a local file."""
+@pytest.fixture
+def fake_archive(tmp_path, monkeypatch) -> Path:
+    """A fake ``cifar-10-python.tar.gz`` (outside data_dir), and torchvision's checksums pointed at it."""
     source = tmp_path / "source"
     _write_fake_cifar(source / datasets.CIFAR10.base_folder)
     archive = tmp_path / datasets.CIFAR10.filename
@@ -151,11 +156,36 @@ def test_download_goes_through_torchvision_archive_check(tmp_path, monkeypatch):
     monkeypatch.setattr(cls, "test_list", [[n, md5(folder / n)] for n, _ in cls.test_list])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
     monkeypatch.setattr(cls, "tgz_md5", md5(archive))
-    fetched = serve(monkeypatch, archive)
+    return archive
+
+
+def test_download_goes_through_torchvision_archive_check(tmp_path, monkeypatch, fake_archive):
+    """download=True fetches the archive, verifies its MD5, extracts it; here the 'server' is a local file."""
+    fetched = serve(monkeypatch, fake_archive)
     dm = CIFAR10DataModule(str(tmp_path / "data"), download=True, val_size=20, num_workers=0)
     dm.prepare_data()
     dm.setup()
-    assert fetched == [cls.url]  # downloaded once; the second split found the files in place
+    assert fetched == [datasets.CIFAR10.url]  # downloaded once
+    assert len(dm.splits["test"]) == N_TEST
+    CIFAR10DataModule(str(tmp_path / "data"), download=True).prepare_data()  # complete: nothing fetched
+    assert len(fetched) == 1
+
+
+def test_download_without_network_says_where_to_put_the_archive_and_uses_it_from_there(tmp_path, monkeypatch,
+                                                                                       fake_archive):
+    offline = URLError(OSError(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", Mock(side_effect=offline))
+    cls, data_dir = datasets.CIFAR10, tmp_path / "data"
+    with pytest.raises(DownloadError) as caught:
+        CIFAR10DataModule(str(data_dir), download=True).prepare_data()
+    destination = data_dir / cls.filename
+    assert f"could not download {cls.filename} from {cls.url}" in str(caught.value)
+    assert f"put it at {destination} (MD5 {cls.tgz_md5})" in str(caught.value)
+    assert caught.value.__cause__ is offline
+    shutil.copyfile(fake_archive, destination)  # fetched by hand, still offline: checked and extracted
+    dm = CIFAR10DataModule(str(data_dir), download=True, val_size=20, num_workers=0)
+    dm.prepare_data()
+    dm.setup()
     assert len(dm.splits["test"]) == N_TEST
 
 

@@ -4,6 +4,8 @@ import io
 import pickle
 import tarfile
 from pathlib import Path
+from unittest.mock import Mock
+from urllib.error import URLError
 
 import lightning.pytorch as L
 import numpy as np
@@ -13,6 +15,7 @@ from fake_server import md5, serve
 
 from lit_robust.datamodules.cifar_c import (BENCHMARK_CORRUPTIONS, CIFAR10CDataModule, CIFAR100CDataModule,
                                             CorruptedImages)
+from lit_robust.datamodules.files import DownloadError
 from lit_robust.defenses import PGDAT
 from lit_robust.models import CIFAR10_MEAN, CIFAR10_STD, SmallCNN
 
@@ -281,3 +284,14 @@ def test_pgdat_tests_one_loader_per_corruption_and_severity(data_dir, tmp_path):
     assert len(results) == len(dm.test_names) == 4
     for i, metrics in enumerate(results):
         assert {f"test/clean_acc/dataloader_idx_{i}", f"test/robust_acc/dataloader_idx_{i}"} <= set(metrics)
+
+
+@pytest.mark.parametrize("cls", [CIFAR10CDataModule, CIFAR100CDataModule])
+def test_download_without_network_names_the_archive_the_url_and_where_to_put_it(tmp_path, monkeypatch, cls):
+    offline = URLError(OSError(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", Mock(side_effect=offline))
+    with pytest.raises(DownloadError) as caught:
+        cls(str(tmp_path), download=True).prepare_data()
+    assert f"could not download {cls.filename} from {cls.url}" in str(caught.value)
+    assert f"put it at {tmp_path / cls.filename} (MD5 {cls.md5})" in str(caught.value)
+    assert caught.value.__cause__ is offline

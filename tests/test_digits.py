@@ -34,8 +34,54 @@ def test_eval_batch_size_only_affects_val_and_test():
     assert dm.val_dataloader().batch_size == dm.test_dataloader().batch_size == 100
 
 
-@pytest.mark.parametrize("kwargs,name", [({"val_fraction": 0.0}, "val_fraction"), ({"test_fraction": 0.95}, "test_fraction"),
-                                         ({"batch_size": 0}, "batch_size"), ({"eval_batch_size": 0}, "eval_batch_size")])
+@pytest.mark.parametrize("seed, sizes, fractions", [(0, {}, (0.1, 0.2)), (1, {}, (0.1, 0.2)),
+                                                    (0, {"test_size": 54}, (0.1, 0.03))])
+def test_splits_are_bit_identical_to_the_former_fraction_split(seed, sizes, fractions):
+    """The former val_fraction / test_fraction split (its code, below): same images in the same order."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test, n_val = round(len(y) * fractions[1]), round(len(y) * fractions[0])
+    former = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    dm = DigitsDataModule(seed=seed, **sizes)
+    dm.setup()
+    for name, index in former.items():
+        images, labels = dm.splits[name].tensors
+        assert torch.equal(images, x[index]) and torch.equal(labels, y[index])
+        assert torch.equal(torch.stack([dm.splits[name][i][0] for i in range(len(index))]), x[index])
+
+
+def test_augment_crops_the_padded_digit_without_flipping_and_on_device_serves_the_same_splits():
+    dm = DigitsDataModule(augment=True)
+    dm.setup()
+    plain = dm.splits["train"].tensors[0][0]
+    padded = torch.nn.functional.pad(plain[None], (1, 1, 1, 1), mode="reflect")[0]
+    windows = [padded[:, i:i + 8, j:j + 8] for i in range(3) for j in range(3)]
+    views = [dm.splits["train"][0][0] for _ in range(32)]
+    assert all(any(torch.equal(v, w) for w in windows) for v in views)  # crops, never mirrored
+    assert len({tuple(v.flatten().tolist()) for v in views}) > 3
+    assert DigitsDataModule().augment is False  # off by default
+    on_device = DigitsDataModule(on_device=True, eval_batch_size=1000)
+    on_device.setup()
+    (x, y), = list(on_device.test_dataloader())
+    assert torch.equal(x, dm.splits["test"].tensors[0]) and torch.equal(y, dm.splits["test"].tensors[1])
+
+
+def test_hyperparameters_rebuild_the_same_datamodule():
+    """What a checkpoint stores (hparams) holds only this class's arguments."""
+    dm = DigitsDataModule(batch_size=8, val_size=100, test_size=200, augment=True)
+    assert dict(dm.hparams) == {"batch_size": 8, "eval_batch_size": None, "val_size": 100, "test_size": 200, "seed": 0,
+                                "num_workers": 0, "augment": True, "on_device": False}
+    assert DigitsDataModule(**dm.hparams).test_size == 200
+
+
+@pytest.mark.parametrize("kwargs,name", [({"val_size": -1}, "val_size"), ({"test_size": 0}, "test_size"),
+                                         ({"val_size": 900, "test_size": 897}, "val_size \\+ test_size"),
+                                         ({"batch_size": 0}, "batch_size"),
+                                         ({"eval_batch_size": 0}, "eval_batch_size")])
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         DigitsDataModule(**kwargs)

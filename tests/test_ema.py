@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_robust.callbacks.ema import EMA, EMAUpdate
 from lit_robust.defenses import StandardTraining
+from lit_robust.models import SmallCNN
 
 STEPS = 6  # optimizer steps per epoch of `line_data` (batches of 2)
 
@@ -247,7 +248,75 @@ def test_after_fit_the_model_holds_the_average_and_test_uses_it(tmp_path):
     assert_states_equal(module.seen["test"][0], expected)
 
 
-# --- 7. arguments ---------------------------------------------------------------------------------
+# --- 7. evaluating a checkpoint gives its average, whatever the path ---------------------------------
+
+class TestedWeights(L.Callback):
+    """Records the classifier's weights at the start of each test and validation run."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_test_start(self, trainer, pl_module):
+        self.seen.append(snapshot(pl_module.model))
+
+    on_validation_start = on_test_start
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """A PGD-AT run with EMA and robust_checkpoint(): the Trainer that fitted, its module, the best checkpoint."""
+    from digits_bench import tiny_defense
+
+    from lit_robust.callbacks import robust_checkpoint
+
+    tmp_path = tmp_path_factory.mktemp("ema_run")
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+    loader = DataLoader(data, batch_size=16)
+    module = tiny_defense("PGDAT", val_attack_steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    weights = TestedWeights()
+    trainer = quiet_trainer(tmp_path, max_epochs=3, num_sanity_val_steps=0, enable_checkpointing=True,
+                            callbacks=[EMA(decay=0.9), robust_checkpoint(dirpath=tmp_path), weights])
+    trainer.fit(module, loader, loader)
+    best = trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, weights_only=False)
+    average = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    live = {k[len("model."):]: v for k, v in checkpoint["current_model_state"].items() if k.startswith("model.")}
+    assert states_differ(average, live)  # else the tests below could not tell them apart
+    return {"trainer": trainer, "module": module, "loader": loader, "best": best, "average": average,
+            "weights": weights}
+
+
+@pytest.mark.parametrize("entry", ["test", "validate"])
+def test_the_trainer_that_fitted_evaluates_the_best_checkpoints_average(ema_run, entry):
+    """Lightning's WeightAveraging would restore the live weights here (its average is still alive)."""
+    weights = ema_run["weights"]
+    getattr(ema_run["trainer"], entry)(ema_run["module"], ema_run["loader"], ckpt_path="best", verbose=False)
+    assert_states_equal(weights.seen[-1], ema_run["average"])
+
+
+def test_a_fresh_trainer_and_load_from_checkpoint_give_the_average(ema_run, tmp_path):
+    from lit_robust.defenses import PGDAT
+
+    weights = TestedWeights()
+    quiet_trainer(tmp_path, callbacks=[EMA(decay=0.9), weights]).test(ema_run["module"], ema_run["loader"],
+                                                                     ckpt_path=ema_run["best"], verbose=False)
+    assert_states_equal(weights.seen[-1], ema_run["average"])
+    loaded = PGDAT.load_from_checkpoint(ema_run["best"], model=SmallCNN(width=4))
+    assert_states_equal(snapshot(loaded.model), ema_run["average"])
+
+
+def test_evaluate_and_export_read_the_average(ema_run, tmp_path):
+    """``lit-robust evaluate --ckpt`` loads ``classifier_state_dict``; the export writes what it loads."""
+    from lit_robust.evaluation.export import classifier_state_dict, export_checkpoint
+
+    assert_states_equal(classifier_state_dict(ema_run["best"]), ema_run["average"])
+    paths = export_checkpoint(ema_run["best"], SmallCNN(width=4), torch.rand(2, 1, 8, 8), tmp_path)
+    assert_states_equal(torch.load(paths["state_dict"], weights_only=True), ema_run["average"])
+
+
+# --- 8. arguments ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(decay=1.0), "decay"), (dict(decay=-0.1), "decay"),

@@ -14,11 +14,14 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, TENSO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_robust.callbacks.example_logger import AdversarialExampleLogger, amplified_perturbation
+from lit_robust.callbacks.example_logger import (AdversarialExampleLogger, amplified_perturbation, captioned_grid,
+                                                 upsampled)
 from lit_robust.defenses import StandardTraining
 from lit_robust.models import SmallCNN
 
 PAD = 2  # make_grid's default padding
+SIZE = 64  # 8x8 images enlarged 8 times
+GRID = 3 * (SIZE + PAD) + PAD  # the height of the three image rows, above the captions
 
 
 def _module(**kwargs):
@@ -44,9 +47,17 @@ def _pixels(event) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"), dtype=np.float64)
 
 
-def _cell(grid: np.ndarray, row: int, col: int, size: int = 8) -> np.ndarray:
-    top, left = PAD + row * (size + PAD), PAD + col * (size + PAD)
-    return grid[top:top + size, left:left + size]
+def _cell(grid: np.ndarray, row: int, col: int) -> np.ndarray:
+    """The 8x8 image in a grid cell, after checking that it was enlarged by repeating each pixel 8x8 times."""
+    top, left = PAD + row * (SIZE + PAD), PAD + col * (SIZE + PAD)
+    cell = grid[top:top + SIZE, left:left + SIZE]
+    assert np.array_equal(cell, cell[::8, ::8].repeat(8, 0).repeat(8, 1))
+    return cell[::8, ::8]
+
+
+def _caption(picture: np.ndarray, col: int) -> np.ndarray:
+    """The strip below a column (its width, padding included)."""
+    return picture[GRID:, col * (SIZE + PAD):(col + 1) * (SIZE + PAD) + PAD]
 
 
 def _table(acc, tag) -> list[list[str]]:
@@ -64,7 +75,8 @@ def test_grey_grid_labels_and_every_n_epochs(tmp_path, digits):
     images = acc.Images("adversarial_examples")
     assert [e.step for e in images] == [4, 8]  # after epochs 1 and 3 (2 steps each); none at the sanity check
     grid = _pixels(images[-1])
-    assert grid.shape == (3 * (8 + PAD) + PAD, 8 * (8 + PAD) + PAD, 3) == (images[-1].height, images[-1].width, 3)
+    assert grid.shape[0] > GRID and grid.shape[1:] == (8 * (SIZE + PAD) + PAD, 3)  # 8 columns of 64x64, captions below
+    assert grid.shape[:2] == (images[-1].height, images[-1].width)
 
     x, y = (t[:8] for t in digits.splits["val"].tensors)  # the first validation images, in order
     for i in range(8):
@@ -79,6 +91,10 @@ def test_grey_grid_labels_and_every_n_epochs(tmp_path, digits):
     assert [int(r[1]) for r in rows] == y.tolist() and [int(r[0]) for r in rows] == list(range(8))
     with torch.no_grad():
         assert [int(r[2]) for r in rows] == module.eval()(x).argmax(1).tolist()
+    for i in range(8):  # each caption is drawn from its column's labels: equal pixels exactly when equal labels
+        assert (_caption(grid, i) > 100).any()
+        for j in range(i):
+            assert np.array_equal(_caption(grid, i), _caption(grid, j)) == (rows[i][1:] == rows[j][1:])
 
     trainer.test(module, digits, verbose=False)  # inference mode: the attack still runs
     test_images = _events(logger.log_dir).Images("test/adversarial_examples")
@@ -95,13 +111,36 @@ def test_rgb_images_and_l2_perturbations_scaled_per_image(tmp_path):
     trainer.fit(_module(model=model, eps=0.5, norm="l2"), loader, loader)
     (event,) = _events(logger.log_dir).Images("adversarial_examples")
     grid = _pixels(event)
-    assert grid.shape == (32, 4 * (8 + PAD) + PAD, 3)
+    assert grid.shape[0] > GRID and grid.shape[1:] == (4 * (SIZE + PAD) + PAD, 3)
     for i in range(4):
         clean = _cell(grid, 0, i)
         assert np.allclose(clean, np.floor(data.tensors[0][i].permute(1, 2, 0).numpy() * 255), atol=1)
         deviation = np.abs(_cell(grid, 2, i) - 127.5)
         assert deviation.max() >= 127  # its largest pixel change is black or white
         assert (deviation > 3).mean() > 0.3
+
+
+def test_upsampled_by_the_smallest_integer_factor_reaching_64_pixels():
+    for side, factor in [(8, 8), (28, 3), (32, 2), (64, 1), (96, 1)]:
+        images = torch.rand(2, 3, side, side + 5)
+        big = upsampled(images)
+        assert big.shape == (2, 3, side * factor, (side + 5) * factor)
+        assert torch.equal(big[..., ::factor, ::factor], images)
+        assert torch.equal(big, torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest"))
+
+
+def test_captions_follow_the_predictions_under_their_own_column():
+    rows = upsampled(torch.rand(6, 1, 8, 8))  # clean, adversarial, perturbation of 2 images
+    y = clean = torch.tensor([3, 3])
+    fooled = captioned_grid(rows, y, clean, torch.tensor([3, 5]))
+    robust = captioned_grid(rows, y, clean, torch.tensor([3, 3]))
+    assert fooled.shape == robust.shape and fooled.shape[0] > GRID and fooled.shape[1] == 2 * (SIZE + PAD) + PAD
+    assert np.array_equal(fooled[:GRID], robust[:GRID])  # the images are untouched
+    assert np.array_equal(_caption(robust, 0), _caption(robust, 1)) and (_caption(robust, 0) > 100).any()
+    assert np.array_equal(_caption(fooled, 0), _caption(robust, 0))
+    assert not np.array_equal(_caption(fooled, 1), _caption(robust, 1))  # "adv=5", in red, instead of "adv=3"
+    red = [((c[..., 0] > 200) & (c[..., 1] < 80)).sum() for c in (_caption(fooled, 1), _caption(robust, 1))]
+    assert red[0] > 0 and red[1] == 0
 
 
 def test_amplified_perturbation_formula():

@@ -47,7 +47,8 @@ def test_channels_last_converts_weights_and_batches(tmp_path):
     training_only_trainer(tmp_path, max_steps=2, callbacks=[seen]).fit(module, DigitsDataModule(batch_size=16))
     convs = [m.weight for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
-    assert len(seen.channels_last) == 2 * 3 and all(seen.channels_last)  # per step: 2 attack steps + training
+    # the epoch's input check (one forward), then per step: 2 attack steps + training
+    assert len(seen.channels_last) == 1 + 2 * 3 and all(seen.channels_last)
 
     def step(channels_last):
         L.seed_everything(0)

@@ -92,8 +92,8 @@ def test_every_training_forward_stays_in_the_threat_model_under_bf16(tmp_path, d
 
     module.model.register_forward_pre_hook(lambda m, args: fed.append((len(clean) - 1, args[0].detach().float())))
     _trainer(tmp_path, max_steps=3, precision="bf16-mixed", callbacks=[RecordBatch()]).fit(module, digits)
-    # per batch: s0 and, per step, s1 and L; the generator steps on batches 0 and 2
-    assert len(fed) == 3 * 3 + 2 * 2
+    # the epoch's input check; per batch: s0 and, per step, s1 and L; the generator steps on batches 0 and 2
+    assert len(fed) == 1 + 3 * 3 + 2 * 2
     for step, x_in in fed:
         assert (x_in - clean[step]).abs().max() <= 0.2 + 1e-6 and x_in.min() >= 0 and x_in.max() <= 1
     assert any((x_in - clean[step]).abs().max() > 0.15 for step, x_in in fed)

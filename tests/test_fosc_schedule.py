@@ -71,11 +71,22 @@ def test_threshold_freezes_exactly_the_examples_below_it(tiny_cnn, batch):
     assert torch.allclose(frozen.x_adv[full], plain.x_adv[full])
 
 
+@pytest.mark.parametrize("reference,expected", [(None, "clean"), ("clean", "clean"), ("start", "start")])
+def test_fosc_reference_reaches_the_training_attack(tmp_path, digits, reference, expected):
+    """``fosc_reference="start"`` (official code) is set on the defense's PGD; None keeps the attack's own."""
+    module = RecordingPGDAT()
+    training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=1,
+                          callbacks=[FOSCSchedule(dynamic_epochs=2, fosc_reference=reference)]).fit(module, digits)
+    assert module.scheduled_attack().fosc_reference == expected
+
+
 def test_bad_c_max():
     with pytest.raises(ValueError, match="c_max"):
         FOSCSchedule(c_max=-1)
     with pytest.raises(ValueError, match="ramp_epochs"):
         FOSCSchedule(dynamic_epochs=0)
+    with pytest.raises(ValueError, match="fosc_reference"):
+        FOSCSchedule(fosc_reference="origin")
 
 
 def test_dynamic_at_is_robust_on_digits(standard_digits_accuracy):

@@ -18,13 +18,16 @@ def _free(**kwargs):
 
 
 class _Recorder(Callback):
-    """Every forward's input and the weights it ran with, the clean batches, and delta after each batch."""
+    """Every training forward's input and the weights it ran with, the clean batches, and delta after each batch
+    (the eval-mode forward of each epoch's input check is not a training forward)."""
 
     def __init__(self):
         self.inputs, self.weights, self.batches, self.deltas = [], [], [], []
 
     def on_fit_start(self, trainer, module):
-        def hook(_, args):
+        def hook(model, args):
+            if not model.training:
+                return
             self.inputs.append(args[0].detach().clone())
             self.weights.append(torch.cat([p.detach().flatten() for p in module.model.parameters()]))
         module.model.register_forward_pre_hook(hook)

@@ -30,7 +30,7 @@ def test_bf16_mixed_training_keeps_the_threat_model(tmp_path, digits):
     model.model.register_forward_pre_hook(lambda m, args: fed.append((len(clean) - 1, args[0].detach().float())))
     _trainer(tmp_path, max_steps=3, limit_val_batches=0, precision="bf16-mixed", callbacks=[RecordBatch()]).fit(
         model, digits)
-    assert len(fed) == 3 * 4  # 3 attack steps + 1 outer forward per batch
+    assert len(fed) == 1 + 3 * 4  # the epoch's input check (one forward), then 3 attack steps + 1 outer forward per batch
     for step, x_in in fed:
         assert (x_in - clean[step]).abs().max() <= 0.2 + 1e-6 and x_in.min() >= 0 and x_in.max() <= 1
     assert any((x_in - clean[step]).abs().max() > 0.1 for step, x_in in fed)

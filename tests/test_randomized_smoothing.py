@@ -213,6 +213,19 @@ def test_cuda_counts_stay_on_device():
     assert prediction.is_cuda and radius.is_cuda and prediction.tolist() == [ABSTAIN, 1]
 
 
+def test_progress_bar_names_the_stage_and_leaves_the_result_alone(capsys):
+    smooth = Smooth(threshold_model(), 0.25, batch_size=50)
+    x = pixels([0.1, 0.9])
+    quiet = smooth.certify(x, n0=10, n=200, generator=gen(0))  # progress=None and stderr no terminal: no bar
+    assert capsys.readouterr().err == ""
+    shown = smooth.certify(x, n0=10, n=200, generator=gen(0), progress=True)
+    assert all(torch.equal(a, b) for a, b in zip(quiet, shown))  # the same draws
+    smooth.predict(x, n=200, generator=gen(0), progress=True)
+    bars = capsys.readouterr().err
+    for text in ("certify: select class", "/20 ", "certify: estimate p_A", "/400 ", "smoothing: predict"):
+        assert text in bars, text
+
+
 # 6. Validation ---------------------------------------------------------------------------------------
 
 def test_argument_validation():

@@ -31,7 +31,8 @@ ENVIRONMENT = ("lit_robust_version", "torch_version", "python_version", "device"
 
 
 def _full(out: Path) -> dict:
-    return write_report(out, robustness=ROBUSTNESS, sanity=SANITY, eps_curve=EPS_CURVE, corruptions=CORRUPTIONS,
+    return write_report(out, robustness=ROBUSTNESS, sanity=SANITY, eps_curve=EPS_CURVE, eps_curve_attack="PGD-20",
+                        corruptions=CORRUPTIONS,
                         metadata={"checkpoint": Path("runs/best.ckpt"), "command": "lit-robust evaluate"})
 
 
@@ -48,8 +49,12 @@ def test_a_full_report_holds_every_part(tmp_path):
     assert set(data) == {"metadata", "robustness", "sanity", "eps_curve", "corruptions"}
     assert data["robustness"] == {**ROBUSTNESS, "tiers": list(ROBUSTNESS["tiers"])}
     assert data["sanity"] == SANITY
-    assert data["eps_curve"] == [{"eps": e, "accuracy": EPS_CURVE[e]} for e in sorted(EPS_CURVE)]
-    assert data["corruptions"] == json.loads(json.dumps(CORRUPTIONS.to_dict()))
+    assert data["eps_curve"] == {"attack": "PGD-20",
+                                 "points": [{"eps": e, "accuracy": EPS_CURVE[e]} for e in sorted(EPS_CURVE)]}
+    expected = json.loads(json.dumps(CORRUPTIONS.to_dict()))
+    assert expected["per_severity"]["2"] == 0.6499999999999999
+    expected["per_severity"]["2"] = 0.65  # float noise is not written
+    assert data["corruptions"] == expected
     assert data["corruptions"]["mean"] == pytest.approx(0.625)
     meta = data["metadata"]
     assert meta["checkpoint"] == "runs/best.ckpt" and meta["command"] == "lit-robust evaluate"
@@ -64,7 +69,8 @@ def test_a_full_report_holds_every_part(tmp_path):
                  "| stronger_attack_not_worse | PASS | pgd10=0.5, pgd50=0.49 |",
                  "| unbounded_attack_reaches_zero | WARN |",
                  "eps=1 \\| left 12%", "1 of 2 checks passed; warnings: unbounded_attack_reaches_zero",
-                 "| 0.06275 (16/255) | 10.00% |", "![robust accuracy vs eps](robust_accuracy_vs_eps.png)",
+                 "| eps | PGD-20 accuracy |", "| 0.06275 (16/255) | 10.00% |",
+                 "![robust accuracy vs eps](robust_accuracy_vs_eps.png)",
                  "## CIFAR-10-C", "**62.50%**", "clean accuracy 90.00%",
                  "| corruption | severity 1 | severity 2 | severity 3 | severity 4 | severity 5 | mean |",
                  "| gaussian_noise | 55.00% | 60.00% | 65.00% | 70.00% | 75.00% | 65.00% |",
@@ -130,8 +136,34 @@ def test_the_json_is_strict(tmp_path):
     assert "NaN" not in text
     data = json.loads(text)
     assert data["robustness"] == {"eps": 0.5, "norm": "l2", "accuracy": {"clean": 0.875, "pgd": None, "apgd-ce": 0.5}}
-    assert data["eps_curve"] == [{"eps": 0.25, "accuracy": 0.5}]
+    assert data["eps_curve"] == {"attack": None, "points": [{"eps": 0.25, "accuracy": 0.5}]}
     assert data["metadata"]["tags"] == ["a"] and data["metadata"]["shape"] == [1, 2]
     md = paths["markdown"].read_text()
     assert "| clean | 87.50% |" in md and "| pgd | nan |" in md and "eps: 0.5," in md
     assert imread(paths["eps_plot"]).shape[0] > 100
+
+
+def test_the_eps_curve_names_its_attack_beside_the_worst_case(tmp_path, monkeypatch):
+    """The curve is one attack (PGD-20), the headline the worst case over tiers: the plot and table say which."""
+    figures = []
+    make = report_module._figure
+    monkeypatch.setattr(report_module, "_figure", lambda *size: figures.append(make(*size)) or figures[-1])
+    write_report(tmp_path, robustness=ROBUSTNESS, eps_curve=EPS_CURVE, eps_curve_attack="PGD-20")
+    legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert legend == ["PGD-20 accuracy", "evaluated eps 0.03137 (8/255)", "worst case over tiers (45.0%)"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| eps | PGD-20 accuracy |" in md and "the per-example worst case over the tiers" in md
+
+
+def test_json_numbers_and_keys_lose_float_noise(tmp_path):
+    """``3 * 0.1`` is written 0.3 (values and keys), while 8/255 keeps every digit."""
+    eps = 0.1
+    curve = {m * eps: 1 - m / 4 for m in (0, 1, 3)}  # 3 * 0.1 == 0.30000000000000004
+    sanity = [{"name": "x", "passed": True, "numbers": {"unbounded_eps": 3 * eps, "acc": 0.1 + 0.2}}]
+    text = write_report(tmp_path, robustness={"eps": 8 / 255, "by_eps": {3 * eps: 0.5}}, sanity=sanity,
+                        eps_curve=curve)["json"].read_text()
+    assert "0000000000" not in text, text
+    data = json.loads(text)
+    assert [p["eps"] for p in data["eps_curve"]["points"]] == [0.0, 0.1, 0.3]
+    assert data["sanity"][0]["numbers"] == {"unbounded_eps": 0.3, "acc": 0.3}
+    assert data["robustness"] == {"eps": 8 / 255, "by_eps": {"0.3": 0.5}}

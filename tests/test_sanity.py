@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from lit_robust.defenses import StandardTraining
 from lit_robust.evaluation.sanity import (
+    EPS_GRID,
     Check,
     accuracy_vs_eps,
     default_tolerance,
@@ -95,6 +97,10 @@ def test_normal_model_passes_every_check(normal_checks, eps):
     curve = checks["accuracy_decreases_with_eps"].numbers
     assert curve["acc@0"] == step["clean_acc"] and curve[f"acc@{eps:.4g}"] == step["pgd_acc"]
     assert curve["unbounded_eps"] == 1.0 and curve["unbounded_acc"] == 0.0
+    # the curve (the report's too) is PGD-steps at the EPS_GRID multiples below the unbounded eps, then that eps
+    measured = checks["accuracy_decreases_with_eps"].curve
+    assert list(measured) == sorted({m * eps for m in EPS_GRID if m * eps < 1} | {1.0}) and curve["steps"] == 10
+    assert measured[eps] == step["pgd_acc"] and measured[0] == step["clean_acc"] and measured[1.0] == 0.0
     square = checks["black_box_does_not_beat_white_box"].numbers
     assert square["worst_case_acc"] <= square["whitebox_acc"] <= step["pgd_acc"]
     assert square["square_acc"] >= square["worst_case_acc"]
@@ -180,13 +186,26 @@ def test_accuracy_vs_eps_starts_at_clean_accuracy_and_falls(model, data):
     assert torch.equal(torch.get_rng_state(), rng)
     assert list(curve) == [float(e) for e in eps_values]
     with torch.no_grad():
-        assert curve[0.0] == (model(x).argmax(1) == y).float().mean().item()
+        assert curve[0.0] == (model(x).argmax(1) == y).double().mean().item()
     accs = list(curve.values())
     assert all(later <= earlier for earlier, later in zip(accs, accs[1:])), accs
     assert accs[0] > 0.9 and accs[-1] == 0.0
     assert accuracy_vs_eps(model, x, y, eps_values, steps=10) == curve  # seeded: reproducible
     l2 = accuracy_vs_eps(model, x, y, [0.5, unbounded_eps(x, "l2")], norm="l2", steps=10)
     assert unbounded_eps(x, "l2") == 8.0 and l2[8.0] == 0.0 < l2[0.5]
+
+
+def test_progress_bar_names_each_attack_with_its_accuracy_and_is_off_without_a_terminal(model, data, capsys):
+    gradient_masking_checks(model, *data, EPS, **TINY, progress=True)
+    accuracy_vs_eps(model, *data, [0.0, 0.1], steps=2, progress=True)
+    bars = capsys.readouterr().err
+    for stage in ("sanity: FGSM", "sanity: PGD-2", "sanity: PGD-10", "sanity: APGD-CE", "sanity: APGD-DLR",
+                  "sanity: Square", "sanity: PGD-2 eps 0.6", "PGD-2 eps 0.1"):
+        assert stage in bars, stage
+    assert re.search(r"acc=\d+\.\d%", bars)
+    gradient_masking_checks(model, *data, EPS, **TINY)  # progress=None: a bar only where stderr is a terminal
+    accuracy_vs_eps(model, *data, [0.0, 0.1], steps=2)
+    assert capsys.readouterr().err == ""
 
 
 def test_checks_serialise_to_json(normal_checks):
@@ -217,8 +236,10 @@ def test_bad_arguments_are_rejected(model, data):
         gradient_masking_checks(model, x, y, EPS, tolerance=1.5)
     with pytest.raises(ValueError, match="steps"):
         gradient_masking_checks(model, x, y, EPS, steps=0)
-    with pytest.raises(ValueError, match="y"):
+    with pytest.raises(ValueError, match="labels must be one class index per image"):
         gradient_masking_checks(model, x, y[:-1], EPS)
+    with pytest.raises(ValueError, match="non-finite"):
+        gradient_masking_checks(model, x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y, EPS)
     with pytest.raises(ValueError, match="images"):
         gradient_masking_checks(model, x.flatten(1), y, EPS)
     with pytest.raises(ValueError, match="eps_values"):

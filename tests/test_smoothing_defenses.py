@@ -3,7 +3,6 @@ the official code's style), Gaussian augmentation, certified evaluation, recipes
 
 import copy
 
-import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F

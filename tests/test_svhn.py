@@ -1,6 +1,8 @@
 """SVHNDataModule on small .mat files in SVHN's real format (MATLAB v5; X [32, 32, 3, N] uint8, y [N, 1], 10 = digit 0)."""
 
 from pathlib import Path
+from unittest.mock import Mock
+from urllib.error import URLError
 
 import lightning.pytorch as L
 import numpy as np
@@ -12,6 +14,7 @@ from fake_server import md5, serve
 
 from lit_robust.cli import main
 from lit_robust.datamodules.arrays import CropFlip
+from lit_robust.datamodules.files import DownloadError
 from lit_robust.datamodules.svhn import SVHNDataModule
 from lit_robust.defenses import PGDAT
 from lit_robust.models import CIFAR10_MEAN, CIFAR10_STD, SmallCNN
@@ -212,3 +215,14 @@ def test_pgd_at_fits_and_tests_end_to_end(fake_svhn, tmp_path, on_device):
     assert trainer.state.finished and "train/adv_acc" in trainer.callback_metrics
     results = trainer.test(module, dm, verbose=False)[0]
     assert 0 <= results["test/clean_acc"] <= 1 and 0 <= results["test/robust_acc"] <= 1
+
+
+def test_download_without_network_names_the_file_the_url_and_where_to_put_it(tmp_path, monkeypatch):
+    offline = URLError(OSError(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", Mock(side_effect=offline))
+    url, filename, expected_md5 = datasets.SVHN.split_list["train"]
+    with pytest.raises(DownloadError) as caught:
+        SVHNDataModule(str(tmp_path / "data"), download=True).prepare_data()
+    assert f"could not download {filename} from {url}" in str(caught.value) and "name resolution" in str(caught.value)
+    assert f"put it at {tmp_path / 'data' / filename} (MD5 {expected_md5})" in str(caught.value)
+    assert caught.value.__cause__ is offline

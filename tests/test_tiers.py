@@ -243,9 +243,9 @@ def test_bad_inputs_are_refused():
         attack_batch(Decoder(), x + 2, y, 0.1)
     with pytest.raises(ValueError, match="model.*fp32"):
         attack_batch(tiny_mlp().to(torch.bfloat16), torch.zeros(2, 1, 4, 4), y, 0.1)
-    with pytest.raises(ValueError, match="as many examples"):
+    with pytest.raises(ValueError, match=r"one class index per image, shape \(2,\), got \(1,\)"):
         attack_batch(Decoder(), x, y[:1], 0.1)
-    with pytest.raises(ValueError, match="iterable of"):
+    with pytest.raises(ValueError, match="a batch must be a tuple or list"):
         evaluate_robustness(Decoder(), [x, x, x], eps=0.1, tiers="pgd")
     with pytest.raises(ValueError, match="no examples"):
         evaluate_robustness(Decoder(), [], eps=0.1, tiers="pgd")

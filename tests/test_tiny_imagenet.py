@@ -3,6 +3,8 @@
 import shutil
 import zipfile
 from pathlib import Path
+from unittest.mock import Mock
+from urllib.error import URLError
 
 import lightning.pytorch as L
 import numpy as np
@@ -12,6 +14,7 @@ from PIL import Image
 from fake_server import md5, serve
 
 from lit_robust.datamodules.arrays import DeviceBatches
+from lit_robust.datamodules.files import DownloadError
 from lit_robust.datamodules.tiny_imagenet import TinyImageNetDataModule
 from lit_robust.defenses import PGDAT
 from lit_robust.models import SmallCNN
@@ -294,3 +297,14 @@ def test_pgd_at_fits_and_tests_end_to_end(fake, tmp_path):
     trainer.fit(module, datamodule=dm)
     (results,) = trainer.test(module, datamodule=dm)
     assert {"test/clean_acc", "test/robust_acc"} <= set(results)
+
+
+def test_download_without_network_names_the_archive_the_url_and_where_to_put_it(tmp_path, monkeypatch):
+    offline = URLError(OSError(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr("torchvision.datasets.utils._get_redirect_url", Mock(side_effect=offline))
+    with pytest.raises(DownloadError) as caught:
+        _dm(tmp_path / "data", download=True).prepare_data()
+    cls = TinyImageNetDataModule
+    assert f"could not download {cls.filename} from {cls.url}" in str(caught.value)
+    assert f"put it at {tmp_path / 'data' / cls.filename} (MD5 {cls.md5})" in str(caught.value)
+    assert caught.value.__cause__ is offline

@@ -83,10 +83,15 @@ def fosc(x_adv: Tensor, x: Tensor, grad: Tensor, eps: float, norm: str = "linf")
     ``||.||_*`` is the dual norm (L1 for Linf, L2 for L2) and ``g`` is the gradient of the
     *per-example* loss at ``x_k`` (sum, not mean, over the batch: a mean divides FOSC by B).
     The [0, 1] box is ignored, as in the official code. ``c >= 0``; 0 means stationary.
+
+    Reference point: the paper measures from the clean image (pass it as ``x``); the official
+    ``pgd_attack.py`` (``original_batch_x``, copied after the random start) measures from the
+    attack's starting point; pass that as ``x`` for the official variant. Computed in the
+    inputs' precision, at least float32 (bf16 / fp16 are cast up, float64 stays float64).
     """
-    g = grad.flatten(1).float()
+    g = upcast(grad.flatten(1))
     dual = g.abs().sum(1) if check_norm(norm) == "linf" else g.norm(dim=1)
-    return eps * dual - ((x_adv - x).flatten(1).float() * g).sum(1)
+    return eps * dual - (upcast((x_adv - x).flatten(1)) * g).sum(1)
 
 
 def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -152,13 +157,3 @@ def loss_and_input_grad(
     losses = loss_fn(logits, y)
     (grad,) = torch.autograd.grad(losses.sum(), delta)
     return losses.detach(), logits.detach(), grad
-
-
-def check_pixel_range(x: Tensor) -> None:
-    """Raises if a batch is not made of [0, 1] images (a silent wrong threat model otherwise)."""
-    lo, hi = torch.aminmax(x.detach())
-    if lo < 0 or hi > 1:
-        raise ValueError(
-            f"inputs must be images in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]; "
-            "normalise inside the model (lit_robust.models.Normalize), not in the data pipeline"
-        )

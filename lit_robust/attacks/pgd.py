@@ -10,8 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
+from lit_robust.checks import check_attack_inputs
 
 BN_MODES = ("eval", "train")
+FOSC_REFERENCES = ("clean", "start")
 
 
 @dataclass
@@ -67,6 +69,10 @@ class Attack:
     user's own module. ``run`` returns the richer :class:`AttackResult`. Attacks enable
     gradients themselves (they work under ``torch.no_grad``), but not inside
     ``torch.inference_mode``, whose tensors cannot join a graph: clone out of it first.
+
+    PGD checks its batch (float images in [0, 1], finite, integer labels [B]: one host
+    synchronisation per call) unless called inside :func:`lit_robust.checks.inputs_checked`,
+    as the defenses' training steps do after checking each epoch's first batch.
     """
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -92,10 +98,13 @@ class PGD(Attack):
             the higher loss.
         loss: ``"ce"``, ``"margin"`` (Carlini-Wagner) or ``"dlr"`` (Croce & Hein).
         bn_mode: module mode during the attack (see :func:`module_mode`).
-        fosc_threshold: freeze an example once its FOSC at the current iterate is
-            <= this value (Wang et al. 2019). As in the official code the first step is
-            always taken, and FOSC is tracked in the result.
+        fosc_threshold: freeze an example once its FOSC at the current iterate (measured from
+            ``fosc_reference``) is <= this value (Wang et al. 2019). As in the official code
+            the first step is always taken, and FOSC is tracked in the result.
         track_fosc: report FOSC at ``x_adv`` without early stopping.
+        fosc_reference: the point FOSC's ``<x_k - x_0, g>`` is measured from: ``"clean"``,
+            the clean image (the paper's definition, default), or ``"start"``, the attack's
+            starting point (the official ``pgd_attack.py``; the same point without a random start).
 
     Cost: ``restarts * steps`` forward+backward passes, plus one forward per restart to
     score ``x_adv`` (a forward+backward if FOSC is tracked). ``attack(model, x, y)`` with one
@@ -115,6 +124,7 @@ class PGD(Attack):
         fosc_threshold: Optional[float] = None,
         track_fosc: bool = False,
         start_std: Optional[float] = None,
+        fosc_reference: Literal["clean", "start"] = "clean",
     ) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -128,6 +138,8 @@ class PGD(Attack):
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if start_std is not None and not start_std > 0:
             raise ValueError(f"start_std must be > 0 or None, got {start_std}")
+        if fosc_reference not in FOSC_REFERENCES:
+            raise ValueError(f"fosc_reference must be one of {FOSC_REFERENCES}, got {fosc_reference!r}")
         self.loss_fn = AF.per_example_loss(loss)
         self.norm = AF.check_norm(norm)
         self.eps = float(eps)
@@ -139,6 +151,7 @@ class PGD(Attack):
         self.bn_mode = bn_mode
         self._step_per_eps = self.step_size / self.eps
         self.track_fosc = track_fosc
+        self.fosc_reference = fosc_reference
         self.set_fosc_threshold(fosc_threshold)
         self.start_std = None if start_std is None else float(start_std)
 
@@ -171,11 +184,13 @@ class PGD(Attack):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.restarts > 1 or self.track_fosc:
             return self.run(model, x, y).x_adv
+        check_attack_inputs(x, y)
         with module_mode(model, self.bn_mode), torch.enable_grad():
             x = x.detach()
             return self._ascend(model, x, self.target(model, x, y))[0]
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        check_attack_inputs(x, y)
         best = None
         with module_mode(model, self.bn_mode), torch.enable_grad():
             x = x.detach()
@@ -200,10 +215,10 @@ class PGD(Attack):
         return y
 
     def _single_run(self, model: nn.Module, x: Tensor, target: Tensor) -> AttackResult:
-        x_adv, taken = self._ascend(model, x, target)
+        x_adv, taken, origin = self._ascend(model, x, target)
         if self.track_fosc:
             loss, logits, grad = AF.loss_and_input_grad(model, x, x_adv - x, target, self.loss_fn)
-            return AttackResult(x_adv, logits, loss, taken, AF.fosc(x_adv, x, grad, self.eps, self.norm))
+            return AttackResult(x_adv, logits, loss, taken, AF.fosc(x_adv, origin, grad, self.eps, self.norm))
         with torch.no_grad():
             logits = model(x_adv)
         return AttackResult(x_adv, logits, self.loss_fn(logits, target), taken)
@@ -215,19 +230,21 @@ class PGD(Attack):
             return AF.gaussian_start(x, self.start_std)
         return AF.random_start(x, self.eps, self.norm)
 
-    def _ascend(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """The K masked ascent steps on ``loss_fn(logits, target)``; returns x_adv and the steps each example took."""
+    def _ascend(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The K masked ascent steps on ``loss_fn(logits, target)``; returns x_adv, the steps each example
+        took, and FOSC's reference point (``x``, or the starting point with ``fosc_reference="start"``)."""
         delta = self._start(x)
+        origin = x if self.fosc_reference == "clean" else (x + delta).detach()
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         taken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         for k in range(self.steps):
             _, _, grad = AF.loss_and_input_grad(model, x, delta, target, self.loss_fn)
             if self.fosc_threshold is not None and k > 0:
-                active = active & (AF.fosc(x + delta, x, grad, self.eps, self.norm) > self.fosc_threshold)
+                active = active & (AF.fosc(x + delta, origin, grad, self.eps, self.norm) > self.fosc_threshold)
             stepped = AF.project(AF.ascent_step(delta, grad, self.step_size, self.norm), x, self.eps, self.norm)
             delta = torch.where(active.view(-1, *([1] * (x.dim() - 1))), stepped, delta)
             taken += active
-        return (x + delta).detach(), taken
+        return (x + delta).detach(), taken, origin
 
 
 class FGSM(PGD):

@@ -10,7 +10,8 @@ this is an own implementation of the published algorithm. The smoothed classifie
 - CERTIFY picks the candidate class from ``n0`` selection draws and estimates its probability from
   ``n`` further, independent draws (the same generator, consumed in that order).
 - With ``n = 1e5`` and ``alpha = 1e-3`` the largest certifiable radius is about ``3.81 * sigma``.
-- Cost: ``n0 + n`` forward passes per example for CERTIFY (``n`` for PREDICT).
+- Cost: ``n0 + n`` forward passes per example for CERTIFY (``n`` for PREDICT). ``progress``
+  shows a bar over the noisy images (None: only when stderr is a terminal).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
+
+from lit_robust.evaluation.progress import progress_bar
 
 __all__ = ["ABSTAIN", "Smooth", "average_certified_radius", "certified_accuracy", "clopper_pearson_lower"]
 
@@ -57,11 +60,13 @@ class Smooth:
         self.model, self.sigma, self.num_classes, self.batch_size = model, float(sigma), num_classes, batch_size
 
     @torch.no_grad()
-    def sample_counts(self, x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample_counts(self, x: Tensor, n: int, generator: torch.Generator | None = None, *,
+                      progress: bool | None = None, desc: str = "sampling") -> Tensor:
         """Class counts of the base model's argmax over ``n`` noisy copies of each example: int64 ``[B, K]``.
 
         All ``B * n`` (draw, example) pairs are enumerated draw-major and forwarded in chunks of at most
         ``batch_size`` images, so each chunk holds about ``batch_size / B`` draws of every example.
+        ``progress``: a bar named ``desc`` over the noisy images.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -70,8 +75,9 @@ class Smooth:
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         counts = None
+        bar = progress_bar(progress, desc, b * n, "image")
         try:
-            with torch.autocast(device_type=device.type, enabled=False):
+            with torch.autocast(device_type=device.type, enabled=False), bar:
                 for start in range(0, b * n, self.batch_size):
                     example = torch.arange(start, min(start + self.batch_size, b * n), device=device) % b
                     batch = x[example]
@@ -84,6 +90,7 @@ class Smooth:
                     flat = example * self.num_classes + logits.argmax(dim=-1)
                     chunk = torch.bincount(flat, minlength=b * self.num_classes).view(b, self.num_classes)
                     counts = chunk if counts is None else counts + chunk
+                    bar.update(len(example))
         finally:
             for module, flag in flags:
                 module.training = flag
@@ -92,10 +99,10 @@ class Smooth:
         return counts
 
     def predict(self, x: Tensor, n: int = 100_000, alpha: float = 0.001,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, *, progress: bool | None = None) -> Tensor:
         """Cohen's PREDICT: top class, or ABSTAIN unless a two-sided binomial test of top-1 vs top-2 has p <= alpha."""
         _check_alpha(alpha)
-        counts = self.sample_counts(x, n, generator)
+        counts = self.sample_counts(x, n, generator, progress=progress, desc="smoothing: predict")
         top = counts.topk(min(2, counts.shape[1]), dim=1)
         values, classes = top.values.cpu().numpy(), top.indices[:, 0].cpu().numpy()
         out = []
@@ -105,15 +112,16 @@ class Smooth:
         return torch.tensor(out, dtype=torch.int64, device=x.device)
 
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None, *, progress: bool | None = None) -> tuple[Tensor, Tensor]:
         """Cohen's CERTIFY: ``(prediction, L2 radius)``, ``(ABSTAIN, 0)`` where the lower bound on p_A is < 0.5."""
         if n0 < 1:
             raise ValueError(f"n0 must be >= 1, got {n0}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         _check_alpha(alpha)
-        c_hat = self.sample_counts(x, n0, generator).argmax(dim=1)
-        n_a = self.sample_counts(x, n, generator).gather(1, c_hat[:, None])[:, 0]
+        c_hat = self.sample_counts(x, n0, generator, progress=progress, desc="certify: select class").argmax(dim=1)
+        n_a = self.sample_counts(x, n, generator, progress=progress, desc="certify: estimate p_A")
+        n_a = n_a.gather(1, c_hat[:, None])[:, 0]
         p_lower = clopper_pearson_lower(n_a.cpu().numpy(), n, alpha)
         certified = p_lower >= 0.5
         radius = np.where(certified, self.sigma * norm.ppf(np.maximum(p_lower, 0.5)), 0.0)

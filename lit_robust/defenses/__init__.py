@@ -6,7 +6,7 @@ which have no adversarial batch and are tested by their own contract.
 """
 
 from lit_robust.defenses.awp import WeightPerturbation
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput
 from lit_robust.defenses.certified import CertifiedTraining
 from lit_robust.defenses.deat import DEAT
 from lit_robust.defenses.fast_at import FastAT
@@ -40,4 +40,4 @@ CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
 }
 
 __all__ = ["CERTIFIED_DEFENSES", "DEFENSES", "AdversarialModule", "SmoothedClassifierModule", "TrainingOutput",
-           "WeightPerturbation", "check_pixel_range", *DEFENSES, *CERTIFIED_DEFENSES]
+           "WeightPerturbation", *DEFENSES, *CERTIFIED_DEFENSES]

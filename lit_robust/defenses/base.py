@@ -23,13 +23,18 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lit_robust.attacks import PGD, AttackResult
-from lit_robust.callbacks.exact_resume import ExactResume
-from lit_robust.attacks.functional import check_norm, check_pixel_range
+from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import BN_MODES
+from lit_robust.batches import check_batch_key, split_batch
+from lit_robust.callbacks.exact_resume import ExactResume
+from lit_robust.checkpoints import check_checkpoints_read_by
+from lit_robust.checks import check_batch, check_eps, inputs_checked
 from lit_robust.defenses.awp import WeightPerturbation
 from lit_robust.evaluation.tiers import attack_batch
 
@@ -39,6 +44,7 @@ _METRICS = ("train/adv_acc", "train/clean_acc", "val/clean_acc", "val/robust_acc
             "test/robust_acc", "test/autoattack_acc", "test/worst_case_acc", "train/fosc_mean",
             "train/attack_steps")
 _PROGRESS_BAR = ("robust_acc", "certified_acc", "noisy_acc")
+DEFENSE_KEY = "lit_robust_defense"  #: the checkpoint entry naming the defense class that wrote it
 
 
 @dataclass
@@ -58,7 +64,8 @@ class AdversarialModule(L.LightningModule):
     ``outer_loss(x, x_adv, y) -> TrainingOutput`` (what the weights minimise). Keeping them
     apart lets the base add adversarial weight perturbation (``awp_gamma``) to any defense.
     Defenses with several optimizer steps per batch (manual optimization) override
-    ``training_step`` instead and call ``watch_loss``.
+    ``adversarial_step`` (the training step on the batch's images and labels) instead and call
+    ``watch_loss``.
 
     Args:
         model: maps [0, 1] images to logits (normalisation inside it).
@@ -94,6 +101,13 @@ class AdversarialModule(L.LightningModule):
         compile_model: ``torch.compile`` the backbone in place before fitting/evaluating; ``True`` or a dict
             of ``torch.compile`` arguments (``{"mode": "max-autotune"}``). Input-gradient attacks run
             through the compiled model; mode switches and new batch shapes recompile once each.
+        inputs, targets: where the images and the labels are in a batch: indices of a tuple or list batch
+            (default ``(x, y, ...)``) or keys of a dict batch (``inputs="image", targets="label"``); see
+            :mod:`lit_robust.batches`.
+
+    Batches: the first batch of every epoch and stage is checked (float images in [0, 1], finite, integer
+    labels in range, a model that returns logits, an L2 eps below the images' diameter) with one host sync;
+    attacks inside the steps skip their own check (:func:`lit_robust.checks.inputs_checked`).
 
     bf16: pass ``precision="bf16-mixed"`` to the Trainer; training attacks and losses run under its autocast
     (losses and KL terms in fp32); validation (unless ``val_fp32=False``), ``test`` and certificates run in fp32.
@@ -121,6 +135,8 @@ class AdversarialModule(L.LightningModule):
         awp_warmup_epochs: int = 0,
         channels_last: bool = False,
         compile_model: Union[bool, dict[str, Any]] = False,
+        inputs: Union[int, str] = 0,
+        targets: Union[int, str] = 1,
     ) -> None:
         super().__init__()
         if attack_bn_mode not in BN_MODES:
@@ -133,6 +149,9 @@ class AdversarialModule(L.LightningModule):
             raise ValueError(f"compile_model must be a bool or a dict of torch.compile arguments, got {compile_model!r}")
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        check_norm(norm)
+        check_eps(eps, norm)
+        self.batch_keys = (check_batch_key(inputs, "inputs"), check_batch_key(targets, "targets"))
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
         self.model = model
         self.eps, self.norm = float(eps), check_norm(norm)
@@ -217,16 +236,48 @@ class AdversarialModule(L.LightningModule):
         if self.awp is not None:
             self.awp.restore()  # the optimizer steps from w with the gradient taken at w + v
 
+    def setup(self, stage: str) -> None:
+        """The Trainer checks a local ``ckpt_path`` before reading it: a missing, empty or truncated file is named."""
+        check_checkpoints_read_by(self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[DEFENSE_KEY] = type(self).__name__
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses to resume ``fit`` from another defense's checkpoint (its optimizer and scheduler state would
+        carry on silently); evaluating another defense's weights only warns."""
+        saved = checkpoint.get(DEFENSE_KEY)
+        if saved is None or saved in {cls.__name__ for cls in type(self).__mro__}:  # the same defense or a parent
+            return
+        message = f"the checkpoint was written by {saved}, and this module is {type(self).__name__}"
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            raise ValueError(f"{message}: resuming fit would continue {saved}'s optimizer, scheduler and loop state. "
+                             f"To start {type(self).__name__} from those weights, load them into the model (e.g. "
+                             "lit_robust.evaluation.export.classifier_state_dict) and fit without ckpt_path")
+        rank_zero_warn(f"{message}; its weights are evaluated as they are")
+
     def on_fit_start(self) -> None:
         if self.awp is not None and not self.automatic_optimization:
             raise ValueError(f"awp_gamma needs automatic optimization; {type(self).__name__} uses manual optimization")
 
     # --- training --------------------------------------------------------------------------
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
+    def read_batch(self, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """The images and labels of ``batch`` (``inputs`` / ``targets``); the first batch of an epoch or stage is
+        checked (:func:`lit_robust.checks.check_batch`, one host sync)."""
+        x, y = split_batch(batch, *self.batch_keys)
         if batch_idx == 0:
-            check_pixel_range(x)
+            check_eps(self.eps, self.norm, x)
+            check_batch(self.model, x, y)
+        return x, y
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = self.read_batch(batch, batch_idx)
+        with inputs_checked():
+            return self.adversarial_step(x, y, batch_idx)
+
+    def adversarial_step(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+        """One training step on images ``x`` and labels ``y``; manual-optimization defenses override it."""
         out = self.training_loss(x, y)
         self.log_loss(out.loss, x.shape[0])
         if out.adv_logits is not None:
@@ -263,21 +314,22 @@ class AdversarialModule(L.LightningModule):
     # --- evaluation ------------------------------------------------------------------------
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        fp32 = torch.autocast(batch[0].device.type, enabled=False) if self.val_fp32 else nullcontext()
+        fp32 = torch.autocast(self.device.type, enabled=False) if self.val_fp32 else nullcontext()
         with fp32:
-            self._evaluate(batch, batch_idx, "val", dataloader_idx)
+            x, y = self.read_batch(batch, batch_idx)
+            with inputs_checked():
+                self._evaluate(x, y, batch_idx, "val", dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, "test", dataloader_idx)
+        x, y = self.read_batch(batch, batch_idx)
+        with inputs_checked():
+            self._evaluate(x, y, batch_idx, "test", dataloader_idx)
 
     def test_tiers(self) -> tuple[str, ...]:
         """The evaluation tiers ``test`` runs: PGD, plus APGD and AutoAttack when asked for."""
         return ("pgd",) + ("apgd",) * self.test_apgd + ("autoattack",) * self.test_autoattack
 
-    def _evaluate(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
-        x, y = batch[0], batch[1]  # evaluation batches may carry more (CIFAR-10-C: corruption, severity)
-        if batch_idx == 0:
-            check_pixel_range(x)
+    def _evaluate(self, x: Tensor, y: Tensor, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
         # validate/test run under inference mode by default; attacks need gradients, and
         # cross_entropy saves its target for backward, so both x and y are cloned out of it.
         # Metrics are updated outside that block: their states may be inference tensors.
@@ -329,9 +381,22 @@ class AdversarialModule(L.LightningModule):
         self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name.endswith(_PROGRESS_BAR),
                  batch_size=batch_size, metric_attribute=f"metrics.{key}")
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks every defense needs: :class:`~lit_robust.callbacks.ExactResume`."""
+    def defense_callbacks(self) -> list[L.Callback]:
+        """Callbacks every defense needs: :class:`~lit_robust.callbacks.ExactResume`; defenses add theirs."""
         return [ExactResume()]
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """``defense_callbacks()``, less those the Trainer already holds: one this module added on an earlier
+        ``fit``/``test`` call of the same Trainer (replacing it would log "will override existing callbacks"
+        and drop its state), or an ``ExactResume`` the user gave."""
+        present = list(self._trainer.callbacks) if self._trainer is not None else []
+        ours = {type(c) for c in present if getattr(c, "_added_by_defense", None) == id(self)}
+        resume_given = any(isinstance(c, ExactResume) for c in present)
+        callbacks = [c for c in self.defense_callbacks()
+                     if type(c) not in ours and not (resume_given and isinstance(c, ExactResume))]
+        for callback in callbacks:
+            callback._added_by_defense = id(self)
+        return callbacks
 
     # --- optimisation ----------------------------------------------------------------------
 

@@ -42,7 +42,8 @@ class CertifiedTraining(AdversarialModule):
     87.5% of training (epochs 120 and 140), one epoch at eps 0 then an 80-epoch smoothed ramp, gradient
     norm clipped at 10, IBP initialisation; their warm-up regularisers (tightness, ReLU balance) are not
     implemented. CROWN-IBP's own recipe (DM-large, no BN): ``method="crown-ibp"``, ``train_eps_factor=1.1``,
-    no IBP init, a linear ramp over half of training, Adam 5e-4 (see ``configs/cifar10/crown_ibp.yaml``).
+    no IBP init, the smoothed ramp (``"schedule_type": "smoothed"`` in the official DM-large configs) over
+    half of training, Adam 5e-4 (see ``configs/cifar10/crown_ibp.yaml``).
     With BN in train mode the bounds use the clean batch's statistics (auto_LiRPA's ``bn mode="forward"``).
 
     Cost per step (F/B = a forward/backward of the plain network): IBP about 4F + 3B (a clean forward for
@@ -132,16 +133,16 @@ class CertifiedTraining(AdversarialModule):
                 result |= certified(bounds[name]())
         return result
 
-    def _evaluate(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
-        super()._evaluate(batch, batch_idx, stage, dataloader_idx)
-        self._log_correct(f"{stage}/certified_acc", self.certify(batch[0], batch[1]), dataloader_idx)
+    def _evaluate(self, x: Tensor, y: Tensor, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
+        super()._evaluate(x, y, batch_idx, stage, dataloader_idx)
+        self._log_correct(f"{stage}/certified_acc", self.certify(x, y), dataloader_idx)
 
-    def configure_callbacks(self) -> list[L.Callback]:
+    def defense_callbacks(self) -> list[L.Callback]:
         """The base's, plus the eps ramp (unless ``eps_ramp_epochs=0``)."""
         ramp_epochs, warmup_epochs, shape = self.eps_ramp
         if not ramp_epochs:
-            return super().configure_callbacks()
-        return super().configure_callbacks() + [EpsilonSchedule(ramp_epochs, warmup_epochs=warmup_epochs,
+            return super().defense_callbacks()
+        return super().defense_callbacks() + [EpsilonSchedule(ramp_epochs, warmup_epochs=warmup_epochs,
                                                                 shape=shape, per_step=True)]
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,

@@ -119,10 +119,9 @@ class FastAT(AdversarialModule):
 
     # --- catastrophic-overfitting guard ----------------------------------------------------
 
-    def configure_callbacks(self) -> list[Callback]:
+    def defense_callbacks(self) -> list[Callback]:
         """The guard, when ``co_guard``: it replaces a user's ``CatastrophicOverfittingMonitor`` (Lightning's rule)."""
-        inherited = super().configure_callbacks()
-        callbacks = [inherited] if isinstance(inherited, Callback) else list(inherited)
+        callbacks = super().defense_callbacks()
         return callbacks if self.co_monitor is None else [*callbacks, self.co_monitor]
 
     @property

@@ -21,9 +21,9 @@ Defaults (official code, CIFAR-10): Linf eps 8/255, alpha 8/255 (``step_size``),
 (``att_num``, here ``generator_every``), generator Adam lr 1e-3, weight decay 5e-4, width 64;
 ResNet-18, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 110 epochs, lr x0.1 at
 100/110 and 105/110 of the iterations, stepped every iteration (``default_lr_scheduler``).
-Label smoothing: the issue and our notes give the paper's factor as 0.5 (p(true) = 0.5,
-0.5 / (C - 1) elsewhere), which is torch's ``label_smoothing = 0.5 * C / (C - 1)``; note that
-the official script's ``--factor`` argument defaults to 0.9 (p(true) = 0.9).
+Label smoothing: p(true) = 0.5, 0.5 / (C - 1) elsewhere (torch's ``label_smoothing =
+0.5 * C / (C - 1)``), the official ``--factor`` default at the repository's head
+(``FGSM_SDI.py`` line 40, commit d54cac6 of 2023-08-22; the first commit, 48ff9a5, had 0.9).
 
 BatchNorm, an explicit choice (the code does not say why it does what it does):
 
@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import module_mode
 from lit_robust.defenses.awp import preserved_norm_statistics
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range, positive_int
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, positive_int
 from lit_robust.models.sdi_generator import SDIGenerator
 
 PAPER_TRUE_CLASS_PROB = 0.5
@@ -159,10 +159,7 @@ class FGSMSDI(AdversarialModule):
             smoothing = paper_label_smoothing(logits.shape[1])
         return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        if batch_idx == 0:
-            check_pixel_range(x)
+    def adversarial_step(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
         model_optimizer, generator_optimizer = self.optimizers()
         grad_sign = self._grad_sign(x, torch.zeros_like(x), y)  # shared by both steps, as in the code
 

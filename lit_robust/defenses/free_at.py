@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, check_pixel_range, finite_total, positive_int
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total, positive_int
 
 
 class FreeAT(AdversarialModule):
@@ -96,10 +96,7 @@ class FreeAT(AdversarialModule):
         """``x`` plus the current persistent perturbation, projected onto the eps-ball and [0, 1]."""
         return (x + AF.project(self._rows(x), x, self.eps, self.norm)).clamp(0.0, 1.0).detach()
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        if batch_idx == 0:
-            check_pixel_range(x)
+    def adversarial_step(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
         opt = self.optimizers()
         scheduler = self._scheduler("step")
         # The carried perturbation is first projected onto this batch's box: the same input as

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_robust.attacks.functional import check_pixel_range, upcast
+from lit_robust.attacks.functional import upcast
 from lit_robust.attacks.smoothed import log_mean_softmax, project_l2, smoothmix_attack
 from lit_robust.certify.randomized_smoothing import ABSTAIN, Smooth
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total, positive_int
@@ -115,11 +115,8 @@ class SmoothedClassifierModule(AdversarialModule):
 
     # --- evaluation ------------------------------------------------------------------------
 
-    def _evaluate(self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
+    def _evaluate(self, x: Tensor, y: Tensor, batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
         # Forwards only: this runs as is under trainer.validate / trainer.test's inference mode.
-        x, y = batch[0], batch[1]
-        if batch_idx == 0:
-            check_pixel_range(x)
         generator = torch.Generator(device=x.device)
         generator.manual_seed(EVAL_SEED + batch_idx + 1_000_003 * dataloader_idx)
         with torch.no_grad():
@@ -131,7 +128,8 @@ class SmoothedClassifierModule(AdversarialModule):
         if stage != "test":
             return
         smooth = Smooth(self.model, self.sigma, num_classes=logits.shape[1], batch_size=self.test_batch_size)
-        prediction, radius = smooth.certify(x, self.test_n0, self.test_n, self.test_alpha, generator=generator)
+        prediction, radius = smooth.certify(x, self.test_n0, self.test_n, self.test_alpha, generator=generator,
+                                            progress=False)  # Lightning's bar shows the test's progress
         prediction, radius = prediction.to(y.device), radius.to(device=y.device, dtype=torch.float32)
         right = (prediction == y) & (prediction != ABSTAIN)
         self._log_correct("test/certified_acc", right & (radius >= self.eps), dataloader_idx)

@@ -29,6 +29,7 @@ def write_report(
     robustness: Optional[dict] = None,
     sanity: Optional[list[dict]] = None,
     eps_curve: Optional[dict[float, float]] = None,
+    eps_curve_attack: Optional[str] = None,
     corruptions: Optional[CorruptionResult] = None,
     metadata: Optional[dict] = None,
 ) -> dict[str, Path]:
@@ -41,6 +42,9 @@ def write_report(
         sanity: gradient-masking checks, each ``{"name", "passed", "status": "pass" | "warn",
             "numbers": {...}, "message"}``.
         eps_curve: ``eps -> robust accuracy``.
+        eps_curve_attack: the attack that measured ``eps_curve`` (e.g. ``"PGD-20"``), named in the
+            plot's legend, the table's header and the JSON: the curve is one attack, while the
+            headline is the worst case over the tiers (marked on the plot at the evaluated eps).
         corruptions: the CIFAR-10-C (or -100-C) result.
         metadata: merged over the environment collected here (``lit_robust_version``,
             ``torch_version``, ``lightning_version``, ``pyautoattack_version``, ``cuda_version``,
@@ -55,9 +59,10 @@ def write_report(
         are left out (an older plot of that name in ``out_dir`` is left alone).
 
     ``report.json`` holds ``metadata`` and each given part: ``robustness`` and ``sanity`` as given,
-    ``eps_curve`` as a list of ``{"eps", "accuracy"}`` sorted by eps, ``corruptions`` as
-    :meth:`CorruptionResult.to_dict`. It is strict JSON: tuples become lists, paths and other
-    objects strings, non-finite numbers ``null``. Plots use Matplotlib's Agg canvas directly
+    ``eps_curve`` as ``{"attack": eps_curve_attack, "points": [{"eps", "accuracy"}, ...]}`` sorted by
+    eps, ``corruptions`` as :meth:`CorruptionResult.to_dict`. It is strict JSON: tuples become lists,
+    paths and other objects strings, non-finite numbers ``null``, and floats (keys too) lose their
+    rounding noise: ``3 * 0.1`` reads ``0.3``. Plots use Matplotlib's Agg canvas directly
     (no pyplot, no backend switch, no global rcParams change).
     """
     out = Path(out_dir)
@@ -71,18 +76,20 @@ def write_report(
     if sanity is not None:
         report["sanity"] = list(sanity)
     if curve is not None:
-        report["eps_curve"] = [{"eps": eps, "accuracy": acc} for eps, acc in curve]
+        report["eps_curve"] = {"attack": eps_curve_attack,
+                               "points": [{"eps": eps, "accuracy": acc} for eps, acc in curve]}
     if corruptions is not None:
         report["corruptions"] = corruptions.to_dict()
     paths = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME}
     if curve:
         paths["eps_plot"] = out / EPS_PLOT_NAME
-        _plot_eps_curve(paths["eps_plot"], curve, robustness or {})
+        _plot_eps_curve(paths["eps_plot"], curve, _curve_label(eps_curve_attack), robustness or {})
     if corruptions is not None:
         paths["heatmap"] = out / HEATMAP_NAME
         _plot_heatmap(paths["heatmap"], corruptions)
     paths["json"].write_text(json.dumps(_plain(report, strict=True), indent=2, allow_nan=False) + "\n")
-    paths["markdown"].write_text(_markdown(robustness, sanity, curve, corruptions, meta, paths))
+    paths["markdown"].write_text(_markdown(robustness, sanity, curve, _curve_label(eps_curve_attack), corruptions,
+                                           meta, paths))
     return paths
 
 
@@ -114,9 +121,10 @@ def _version(distribution: str) -> str:
 
 def _plain(value: Any, strict: bool = False) -> Any:
     """``value`` in JSON's types: string keys, lists, Python numbers (tensor and NumPy scalars unwrapped),
-    ``str()`` for anything else; ``strict``: non-finite numbers become None."""
+    ``str()`` for anything else; float keys, and with ``strict`` float values, lose their rounding noise
+    (:func:`_tidy`); ``strict``: non-finite numbers become None."""
     if isinstance(value, dict):
-        return {str(k): _plain(v, strict) for k, v in value.items()}
+        return {str(_tidy(k) if isinstance(k, float) else k): _plain(v, strict) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(v, strict) for v in value]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -126,8 +134,17 @@ def _plain(value: Any, strict: bool = False) -> Any:
     if value is None or isinstance(value, (bool, str, int)):
         return value
     if isinstance(value, float):
-        return None if strict and not math.isfinite(value) else float(value)
+        if not strict:
+            return float(value)
+        return _tidy(value) if math.isfinite(value) else None
     return str(value)
+
+
+def _tidy(value: float) -> float:
+    """``value`` rounded to 12 significant digits where that moves it by at most 4 ulps (float arithmetic's
+    noise: ``3 * 0.1`` gives 0.3), else ``value`` itself (``8 / 255`` stays exact)."""
+    short = float(f"{value:.12g}")
+    return short if abs(short - value) <= 4 * math.ulp(value) else float(value)
 
 
 # --- Markdown --------------------------------------------------------------------------------
@@ -158,7 +175,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
-def _markdown(robustness, sanity, curve, corruptions, meta, paths) -> str:
+def _curve_label(attack: Optional[str]) -> str:
+    return f"{attack} accuracy" if attack else "robust accuracy"
+
+
+def _markdown(robustness, sanity, curve, curve_label, corruptions, meta, paths) -> str:
     lines = ["# Robustness report", ""]
     if robustness is not None:
         lines += ["## Robust accuracy", ""]
@@ -187,8 +208,11 @@ def _markdown(robustness, sanity, curve, corruptions, meta, paths) -> str:
                      _cell(c.get("message", ""))] for c in sanity]
             lines += _table(["check", "status", "numbers", "message"], rows)
     if curve is not None:
-        lines += ["## Robust accuracy vs eps", "", *_table(["eps", "robust accuracy"],
-                                                           [[_eps(e), _percent(a)] for e, a in curve])]
+        lines += ["## Robust accuracy vs eps", ""]
+        if (robustness or {}).get("accuracy", {}).get("worst_case") is not None:
+            lines += [f"{curve_label} at each eps; the headline above is the per-example worst case over the "
+                      "tiers.", ""]
+        lines += _table(["eps", curve_label], [[_eps(e), _percent(a)] for e, a in curve])
         if "eps_plot" in paths:
             lines += [f"![robust accuracy vs eps]({EPS_PLOT_NAME})", ""]
     if corruptions is not None:
@@ -228,17 +252,20 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _plot_eps_curve(path: Path, curve: list[tuple[float, float]], robustness: dict) -> None:
+def _plot_eps_curve(path: Path, curve: list[tuple[float, float]], label: str, robustness: dict) -> None:
     figure = _figure(5.5, 4)
     ax = figure.add_subplot()
     eps, accuracy = zip(*curve)
     norm = str(robustness.get("norm", "linf"))
     scale = 255 if norm == "linf" else 1  # Linf radii read as k/255; L2 radii as they are
-    ax.plot([scale * e for e in eps], [100 * a for a in accuracy], marker="o")
-    if isinstance(robustness.get("eps"), (int, float)):
-        ax.axvline(scale * robustness["eps"], color="gray", linestyle="--",
-                   label=f"evaluated eps {_eps(robustness['eps'])}")
-        ax.legend()
+    ax.plot([scale * e for e in eps], [100 * a for a in accuracy], marker="o", label=label)
+    evaluated, worst = robustness.get("eps"), (robustness.get("accuracy") or {}).get("worst_case")
+    if isinstance(evaluated, (int, float)):
+        ax.axvline(scale * evaluated, color="gray", linestyle="--", label=f"evaluated eps {_eps(evaluated)}")
+        if isinstance(worst, (int, float)):
+            ax.plot([scale * evaluated], [100 * worst], marker="*", markersize=12, linestyle="none", color="C3",
+                    label=f"worst case over tiers ({100 * worst:.1f}%)")
+    ax.legend()
     ax.set(xlabel="eps (x 1/255)" if scale == 255 else "eps", ylabel="robust accuracy (%)", ylim=(0, 100),
            title=f"Robust accuracy vs eps ({norm})")
     ax.grid(alpha=0.3)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -36,7 +36,9 @@ from torch import Tensor, nn
 
 from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import FGSM, PGD, module_mode
+from lit_robust.checks import check_inputs
 from lit_robust.evaluation.autoattack import _NORM_NAMES
+from lit_robust.evaluation.progress import progress_bar, show_accuracy
 from lit_robust.evaluation.tiers import forked_rng, frozen_parameters
 
 #: Relative logit difference above which two eval-mode forward passes count as different.
@@ -45,8 +47,9 @@ DETERMINISM_RTOL = 1e-4
 SQUARE_QUERIES = 1000
 #: APGD iterations by default (as in AutoAttack's standard run).
 APGD_STEPS = 100
-#: The eps-sweep of the monotonicity check, as multiples of eps (the unbounded eps is added).
-EPS_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+#: The eps-sweep of the monotonicity check and of the report's accuracy-vs-eps curve, as multiples of
+#: eps (the check adds the unbounded eps).
+EPS_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 _AttackFn = Callable[[Tensor, Tensor], Tensor]  # (x, y) -> x_adv, the model bound in
 
@@ -59,6 +62,8 @@ class Check:
     passed: bool
     numbers: dict[str, float]
     message: str
+    #: ``{eps: accuracy}`` where the check measured a curve (``accuracy_decreases_with_eps``); not in to_dict
+    curve: Optional[dict[float, float]] = field(default=None, repr=False)
 
     @property
     def status(self) -> str:
@@ -97,19 +102,24 @@ def accuracy_vs_eps(
     seed: int = 0,
     *,
     batch_size: int = 500,
+    progress: Optional[bool] = None,
 ) -> dict[float, float]:
     """PGD-``steps`` accuracy (``restarts`` random starts) at each eps; eps 0 gives the clean accuracy.
 
     Runs under the same conditions as :func:`gradient_masking_checks` (eval mode, fp32, the
     caller's RNG untouched). Keys are the given eps values as floats, in the given order.
+    ``progress``: a bar per eps (None: only when stderr is a terminal).
     """
     _check_arguments(x, y, norm, steps, restarts, batch_size)
     if any(not e >= 0 for e in eps_values):
         raise ValueError(f"eps_values must all be >= 0, got {list(eps_values)}")
-    with _evaluation_context(model, x, seed):
+    curve = {}
+    with _evaluation_context(model, x, seed), progress_bar(progress, "accuracy vs eps", len(eps_values), "eps") as bar:
         x, y = _prepare(x, y)
-        return {float(e): _accuracy(_correct(model, x, y, _pgd(model, e, norm, steps, restarts), batch_size))
-                for e in eps_values}
+        for e in eps_values:
+            attack = _pgd(model, e, norm, steps, restarts)
+            curve[float(e)] = _accuracy(_tracked(bar, f"PGD-{steps} eps {e:.4g}", model, x, y, attack, batch_size))
+    return curve
 
 
 def gradient_masking_checks(
@@ -126,6 +136,7 @@ def gradient_masking_checks(
     apgd_steps: int = APGD_STEPS,
     square_queries: int = SQUARE_QUERIES,
     batch_size: int = 500,
+    progress: Optional[bool] = None,
 ) -> list[Check]:
     """Runs the six sanity checks on ``(x, y)`` at radius ``eps``; each returns a :class:`Check`.
 
@@ -134,9 +145,9 @@ def gradient_masking_checks(
     2. ``iterative_beats_single_step``: PGD-``steps`` accuracy <= FGSM accuracy + tolerance.
     3. ``more_iterations_do_not_help_the_model``: PGD with 5x the steps, and PGD with
        ``restarts`` random restarts, are not more than tolerance above PGD-``steps``.
-    4. ``accuracy_decreases_with_eps``: PGD accuracy over eps x (0, 1/4, 1/2, 1, 2, 4) and the
-       unbounded eps (:func:`unbounded_eps`) never rises by more than tolerance, and is <=
-       tolerance at the unbounded eps.
+    4. ``accuracy_decreases_with_eps``: PGD-``steps`` accuracy over eps x :data:`EPS_GRID` and
+       the unbounded eps (:func:`unbounded_eps`) never rises by more than tolerance, and is <=
+       tolerance at the unbounded eps; the check's ``curve`` holds these points.
     5. ``black_box_does_not_beat_white_box``: the fraction of examples that survive every
        white-box attack (FGSM, the PGDs, APGD-CE, APGD-DLR) but fall to Square
        (``square_queries`` queries, margin loss, p_init 0.8) is <= tolerance; this is the
@@ -148,6 +159,8 @@ def gradient_masking_checks(
     ``tolerance`` defaults to :func:`default_tolerance` of ``len(x)``. Costs roughly
     ``steps * (11 + restarts) + 2 * apgd_steps`` forward+backward passes and
     ``square_queries`` forwards per example. A warning is a reason to look, not a verdict.
+    ``progress``: a bar over the attacks, each named, with its accuracy (None: only when stderr
+    is a terminal).
     """
     _check_arguments(x, y, norm, steps, restarts, batch_size)
     if x.dim() != 4:
@@ -167,31 +180,35 @@ def gradient_masking_checks(
         determinism, logits = _determinism_check(model, x, batch_size, given_in_train)
         num_classes = logits.shape[1]
         clean = logits.argmax(1) == y
-
-        def run(attack: _AttackFn) -> Tensor:
-            return _correct(model, x, y, attack, batch_size)
-
-        white = {
-            "fgsm": run(_bound(FGSM(eps, norm=norm), model)),
-            "pgd": run(_pgd(model, eps, norm, steps, 1)),
-            "pgd_more_steps": run(_pgd(model, eps, norm, 5 * steps, 1)),
-            "pgd_restarts": run(_pgd(model, eps, norm, steps, restarts)),
-            "apgd_ce": run(_apgd(model, x, eps, norm, apgd_steps, "ce", seed)),
-        }
-        if num_classes >= 3:
-            white["apgd_dlr"] = run(_apgd(model, x, eps, norm, apgd_steps, "dlr", seed))
-        square = run(_square(model, x, eps, norm, square_queries, seed))
         big = unbounded_eps(x, norm)
         grid = sorted({m * eps for m in EPS_GRID if m * eps < big} | {big})
-        curve = {e: _accuracy(clean if e == 0 else white["pgd"] if e == eps else run(_pgd(model, e, norm, steps, 1)))
-                 for e in grid}
+        extra = [e for e in grid if e not in (0, eps)]  # the curve's points no other check measures
+        bar = progress_bar(progress, "sanity checks", 6 + (num_classes >= 3) + len(extra), "attack")
+
+        def run(stage: str, attack: _AttackFn) -> Tensor:
+            return _tracked(bar, f"sanity: {stage}", model, x, y, attack, batch_size)
+
+        with bar:
+            white = {
+                "fgsm": run("FGSM", _bound(FGSM(eps, norm=norm), model)),
+                "pgd": run(f"PGD-{steps}", _pgd(model, eps, norm, steps, 1)),
+                "pgd_more_steps": run(f"PGD-{5 * steps}", _pgd(model, eps, norm, 5 * steps, 1)),
+                "pgd_restarts": run(f"PGD-{steps} x {restarts}", _pgd(model, eps, norm, steps, restarts)),
+                "apgd_ce": run("APGD-CE", _apgd(model, x, eps, norm, apgd_steps, "ce", seed)),
+            }
+            if num_classes >= 3:
+                white["apgd_dlr"] = run("APGD-DLR", _apgd(model, x, eps, norm, apgd_steps, "dlr", seed))
+            square = run("Square", _square(model, x, eps, norm, square_queries, seed))
+            at = {0: clean, eps: white["pgd"]}
+            at.update({e: run(f"PGD-{steps} eps {e:.4g}", _pgd(model, e, norm, steps, 1)) for e in extra})
+        curve = {e: _accuracy(at[e]) for e in grid}
 
     acc = {name: _accuracy(c) for name, c in white.items()}
     return [
         determinism,
         _single_step_check(_accuracy(clean), acc, steps, tol),
         _iterations_check(acc, steps, restarts, tol),
-        _eps_check(curve, big, tol),
+        _eps_check(curve, big, steps, tol),
         _square_check(white, square, square_queries, tol),
         _dlr_check(acc, num_classes, apgd_steps, tol),
     ]
@@ -266,7 +283,7 @@ def _iterations_check(acc: dict[str, float], steps: int, restarts: int, tol: flo
     return Check("more_iterations_do_not_help_the_model", passed, numbers, message)
 
 
-def _eps_check(curve: dict[float, float], big: float, tol: float) -> Check:
+def _eps_check(curve: dict[float, float], big: float, steps: int, tol: float) -> Check:
     eps_values, accs = list(curve), list(curve.values())
     rises = [(eps_values[i], eps_values[i + 1], accs[i + 1] - accs[i]) for i in range(len(accs) - 1)]
     max_rise = max((r for _, _, r in rises), default=0.0)
@@ -279,8 +296,8 @@ def _eps_check(curve: dict[float, float], big: float, tol: float) -> Check:
     message = (f"accuracy falls with eps and reaches ~0 ({shown})" if not problems else
                "; ".join(problems) + f" (curve {shown}; tolerance {tol:.1%}): a sign of gradient masking")
     numbers = {f"acc@{e:.4g}": a for e, a in curve.items()}
-    numbers.update(max_increase=max_rise, unbounded_eps=big, unbounded_acc=at_big, tolerance=tol)
-    return Check("accuracy_decreases_with_eps", not problems, numbers, message)
+    numbers.update(max_increase=max_rise, unbounded_eps=big, unbounded_acc=at_big, steps=float(steps), tolerance=tol)
+    return Check("accuracy_decreases_with_eps", not problems, numbers, message, curve)
 
 
 def _square_check(white: dict[str, Tensor], square: Tensor, queries: int, tol: float) -> Check:
@@ -318,13 +335,9 @@ def _dlr_check(acc: dict[str, float], num_classes: int, apgd_steps: int, tol: fl
 
 def _check_arguments(x: Tensor, y: Tensor, norm: str, steps: int, restarts: int, batch_size: int) -> None:
     check_norm(norm)
-    if not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty floating-point batch [B, ...], got {x.dtype} {tuple(x.shape)}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must hold one label per example, shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if x.min() < 0 or x.max() > 1:
-        raise ValueError(f"x must lie in [0, 1] (pixels, normalised inside the model), got "
-                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+    check_inputs(x, y)
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one example")
     for name, value in (("steps", steps), ("restarts", restarts), ("batch_size", batch_size)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value}")
@@ -350,12 +363,22 @@ def _prepare(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _accuracy(correct: Tensor) -> float:
-    return correct.float().mean().item()
+    return correct.double().mean().item()  # float64: 6/20 prints 0.3, not 0.30000001192
 
 
 def _logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
         return torch.cat([model(xb).float() for xb in x.split(batch_size)])
+
+
+def _tracked(bar, stage: str, model: nn.Module, x: Tensor, y: Tensor, attack: Optional[_AttackFn],
+             batch_size: int) -> Tensor:
+    """:func:`_correct`, shown on the progress ``bar``: the stage's name while it runs, then its accuracy."""
+    bar.set_description(stage)
+    correct = _correct(model, x, y, attack, batch_size)
+    bar.update()
+    show_accuracy(bar, _accuracy(correct))
+    return correct
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor, attack: Optional[_AttackFn], batch_size: int) -> Tensor:

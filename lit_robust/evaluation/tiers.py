@@ -42,9 +42,12 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequenc
 import torch
 from torch import Tensor, nn
 
-from lit_robust.attacks.functional import check_norm, check_pixel_range
+from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import PGD, module_mode
+from lit_robust.batches import BatchKey, check_batch_key, split_batch
+from lit_robust.checks import check_eps, check_input_types, check_inputs, inputs_checked
 from lit_robust.evaluation.autoattack import autoattack
+from lit_robust.evaluation.progress import progress_bar, show_accuracy
 
 TIERS = ("pgd", "apgd", "autoattack")
 #: the keys each tier adds to the per-example correctness (besides "clean" and "worst_case")
@@ -83,7 +86,8 @@ class RobustnessResult:
 
     @property
     def accuracy(self) -> dict[str, float]:
-        return {key: mask.float().mean().item() for key, mask in self.correct.items()}
+        # float64: 6/20 prints 0.3, not 0.30000001192
+        return {key: mask.double().mean().item() for key, mask in self.correct.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (no per-example tensors)."""
@@ -131,13 +135,16 @@ def evaluate_robustness(
     pgd_steps: int = 20,
     pgd_restarts: int = 1,
     autoattack_version: Literal["standard", "plus", "rand"] = "standard",
+    inputs: BatchKey = 0,
+    targets: BatchKey = 1,
+    progress: Optional[bool] = None,
 ) -> RobustnessResult:
     """Clean, per-attack and worst-case robust accuracy of ``model`` on ``data``, per example.
 
     Args:
         model: maps [0, 1] images to logits (normalisation inside it).
         data: an ``(x, y)`` pair of tensors, or an iterable of batches ``(x, y, *extra)`` (a
-            DataLoader, e.g. a DataModule's ``test_dataloader()``; do not shuffle it).
+            DataLoader, e.g. a DataModule's ``test_dataloader()``; do not shuffle it) or dicts.
         eps: the radius; RobustBench's 8/255 (``"linf"``) or 0.5 (``"l2"``) when None.
         tiers: any of :data:`TIERS`, run in that order whatever the order given.
         n_examples: evaluate the first ``n_examples`` (RobustBench's convention) or, with
@@ -150,6 +157,10 @@ def evaluate_robustness(
         pgd_steps, pgd_restarts: the pgd tier's PGD-k.
         autoattack_version: the reference AutoAttack's version (``"rand"`` for randomised
             defences).
+        inputs, targets: where the images and labels are in each batch (indices, dict keys or
+            callables; :mod:`lit_robust.batches`).
+        progress: a bar over the examples naming the tier that runs, with the worst-case
+            accuracy so far (None: only when stderr is a terminal).
     """
     norm = check_norm(norm)
     eps = DEFAULT_EPS[norm] if eps is None else eps
@@ -164,14 +175,18 @@ def evaluate_robustness(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
 
-    batches, indices = _select(data, n_examples, subset_seed, int(batch_size))
+    keys = (check_batch_key(inputs, "inputs"), check_batch_key(targets, "targets"))
+    batches, indices = _select(data, n_examples, subset_seed, int(batch_size), keys)
     chunks: dict[str, list[Tensor]] = {}
     n_classes = 0
-    for x, y in batches:
-        correct, n_classes = _attack_batch(model, x.to(device), y.to(device), float(eps), norm, tiers,
-                                           pgd_steps, pgd_restarts, seed, autoattack_version)
-        for key, mask in correct.items():
-            chunks.setdefault(key, []).append(mask.cpu())
+    with progress_bar(progress, "robustness", _size(data, n_examples), "example") as bar:
+        for x, y in batches:
+            correct, n_classes = _attack_batch(model, x.to(device), y.to(device), float(eps), norm, tiers,
+                                               pgd_steps, pgd_restarts, seed, autoattack_version, bar)
+            for key, mask in correct.items():
+                chunks.setdefault(key, []).append(mask.cpu())
+            bar.update(len(y))
+            show_accuracy(bar, torch.cat(chunks["worst_case"]).double().mean().item(), "worst-case acc")
     if not chunks:
         raise ValueError("data holds no examples")
     correct = {key: torch.cat(masks) for key, masks in chunks.items()}
@@ -197,6 +212,7 @@ def _check_args(eps, norm, tiers, pgd_steps, pgd_restarts, seed, autoattack_vers
         valid = False
     if not valid:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_eps(float(eps), norm)
     if isinstance(tiers, str):
         tiers = (tiers,)
     unknown = [t for t in tiers if t not in TIERS]
@@ -212,15 +228,16 @@ def _check_args(eps, norm, tiers, pgd_steps, pgd_restarts, seed, autoattack_vers
     return tuple(t for t in TIERS if t in tiers)
 
 
-def _attack_batch(model, x, y, eps, norm, tiers, pgd_steps, pgd_restarts, seed, autoattack_version):
-    """:func:`attack_batch` without argument checks; also returns the number of classes."""
+def _attack_batch(model, x, y, eps, norm, tiers, pgd_steps, pgd_restarts, seed, autoattack_version, bar=None):
+    """:func:`attack_batch` without argument checks; also returns the number of classes.
+
+    ``bar``: a progress bar to name each tier on (AutoAttack then shows its own); None in a Trainer.
+    """
     if torch.is_inference_mode_enabled():
         raise RuntimeError("robustness evaluation needs input gradients: call it outside torch.inference_mode "
                            "(Lightning: Trainer(inference_mode=False))")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must hold as many examples, got {x.shape[0]} and {y.shape[0]}")
-
-    check_pixel_range(x)
+    check_input_types(x, y)
+    check_eps(eps, norm, x)
     low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
     if low:
         raise ValueError(f"model: the evaluation runs in fp32, but parameters are {', '.join(low)}; "
@@ -232,16 +249,21 @@ def _attack_batch(model, x, y, eps, norm, tiers, pgd_steps, pgd_restarts, seed, 
         stack.enter_context(module_mode(model, "eval"))
         stack.enter_context(torch.autocast(x.device.type, enabled=False))
         stack.enter_context(forked_rng(x.device))
+        stack.enter_context(inputs_checked())  # checked here, once per batch, not again by each attack
         with torch.no_grad():
             logits = model(x)
+        check_inputs(x, y, logits)
         n_classes = logits.shape[1]
         clean = logits.argmax(1) == y
         correct = {"clean": clean}
         for tier in tiers:
+            if bar is not None:
+                bar.set_description(f"robustness: {tier}")
             with torch.enable_grad():
                 found = _TIER_RUNNERS[tier](model, x, y, clean, eps, norm, seed, n_classes,
                                             pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
-                                            autoattack_version=autoattack_version)
+                                            autoattack_version=autoattack_version,
+                                            progress=bar is not None and not bar.disable)
             correct.update({key: mask & clean for key, mask in found.items()})
     worst = clean.clone()
     for key, mask in correct.items():
@@ -293,13 +315,14 @@ def _run_apgd(model, x, y, clean, eps, norm, seed, n_classes, **_) -> dict[str, 
     return out
 
 
-def _run_autoattack(model, x, y, clean, eps, norm, seed, n_classes, *, autoattack_version, **_) -> dict[str, Tensor]:
+def _run_autoattack(model, x, y, clean, eps, norm, seed, n_classes, *, autoattack_version, progress,
+                    **_) -> dict[str, Tensor]:
     """The reference AutoAttack on the whole batch (it skips misclassified examples itself)."""
     needed = _AA_MIN_CLASSES[autoattack_version]
     if n_classes < needed:
         raise ValueError(f"tiers: AutoAttack version {autoattack_version!r} needs a model with at least {needed} "
                          f"classes, this one has {n_classes}; evaluate with tiers=('pgd', 'apgd') instead")
-    x_adv = autoattack(model, x, y, eps, norm, autoattack_version, seed=seed, batch_size=x.shape[0])
+    x_adv = autoattack(model, x, y, eps, norm, autoattack_version, seed=seed, batch_size=x.shape[0], progress=progress)
     return {"autoattack": _correct_at(model, x_adv, y)}
 
 
@@ -345,14 +368,14 @@ def forked_rng(device: torch.device):
     return torch.random.fork_rng(devices=cuda)
 
 
-def _select(data: Data, n_examples, subset_seed, batch_size) -> tuple[Iterator[tuple[Tensor, Tensor]],
-                                                                       Optional[Tensor]]:
+def _select(data: Data, n_examples, subset_seed, batch_size, keys) -> tuple[Iterator[tuple[Tensor, Tensor]],
+                                                                             Optional[Tensor]]:
     """Batches of ``batch_size`` over the chosen examples, and their positions (None: the first ones, in order)."""
     if _is_pair(data):
         stream: Iterable[tuple[Tensor, Tensor]] = [tuple(data)]
     else:
         _warn_if_shuffled(data)
-        stream = (_split_batch(b) for b in data)
+        stream = (split_batch(b, *keys) for b in data)
     if subset_seed is None:
         return _rebatch(stream, batch_size, n_examples), None
     parts = list(stream)
@@ -365,16 +388,17 @@ def _select(data: Data, n_examples, subset_seed, batch_size) -> tuple[Iterator[t
     return _rebatch([(x[picked], y[picked])], batch_size, None), indices
 
 
+def _size(data: Data, n_examples: Optional[int]) -> Optional[int]:
+    """How many examples will be evaluated, where the data's length says so up front (for the progress bar)."""
+    try:
+        held = len(data[1]) if _is_pair(data) else len(data.dataset)
+    except (AttributeError, TypeError):
+        return n_examples
+    return held if n_examples is None else min(held, n_examples)
+
+
 def _is_pair(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
-
-
-def _split_batch(batch) -> tuple[Tensor, Tensor]:
-    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2
-            and isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor)):
-        raise ValueError(f"data must be an (x, y) pair of tensors or an iterable of (x, y, *extra) batches, "
-                         f"got a batch of type {type(batch).__name__}")
-    return batch[0], batch[1]
 
 
 def _rebatch(stream, batch_size: int, limit: Optional[int]) -> Iterator[tuple[Tensor, Tensor]]:
