@@ -240,3 +240,19 @@ def test_an_exact_resume_given_by_the_user_is_kept(tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[mine])
     trainer.fit(tiny_defense("PGDAT"), loader(*images(8)))
     assert [c for c in trainer.callbacks if isinstance(c, ExactResume)] == [mine]
+
+
+# --- the learning-rate schedule a run gets is said once ------------------------------------------------
+
+def test_the_schedule_that_runs_is_logged(tmp_path, caplog):
+    data = loader(*images(16))
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(tmp_path, max_steps=1).fit(
+            PGDAT(SmallCNN(width=4), eps=EPS, steps=1, optimizer=lambda p: torch.optim.Adam(p, 1e-3)), data)
+    assert ("PGDAT: Adam, learning-rate schedule the paper's: x0.1 at 50% and 75% of the training steps "
+            "(Rice et al.: epochs 100 and 150 of 200), stepped every step (an optimizer given without") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(tmp_path, max_steps=1).fit(
+            tiny_defense("FastAT", lr_scheduler=lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=1.0)), data)
+    assert "FastAT: SGD, learning-rate schedule the given ConstantLR, stepped every epoch" in caplog.text

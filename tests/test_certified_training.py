@@ -96,6 +96,32 @@ def test_loss_at_eps_zero_is_the_clean_cross_entropy(batch):
         assert loss.item() == pytest.approx(F.cross_entropy(net(x), y).item(), rel=1e-5)
 
 
+def test_kappa_ramps_like_beta_and_mixes_in_the_natural_cross_entropy(batch):
+    """CROWN-IBP's robust_natural loss: (1 - kappa) robust CE + kappa CE(f(x), y), kappa 1 -> final_kappa."""
+    torch.manual_seed(0)
+    x, y = batch
+    module = CertifiedTraining(_net(), eps=EPS, method="crown-ibp", final_kappa=0.5, train_eps_factor=2.0)
+    objective = module.objective
+    for eps, kappa in ((0.0, 1.0), (0.1, 0.75), (0.2, 0.5)):  # (max_eps - eps (1 - 0.5)) / max_eps, max_eps 0.2
+        objective.set_eps(eps)
+        assert objective.kappa == pytest.approx(kappa)
+    objective.set_eps(0.1)
+    reference = CertifiedTraining(_net(), eps=EPS, method="crown-ibp", train_eps_factor=2.0, ibp_init=False)
+    reference.load_state_dict(module.state_dict())
+    reference.objective.set_eps(0.1)
+    module.train(), reference.train()
+    mixed = module.training_loss(x, y).loss
+    robust = reference.training_loss(x, y).loss  # running statistics move by the same clean forward in both
+    with torch.no_grad():
+        natural = F.cross_entropy(reference.model(x), y)
+    assert mixed.item() == pytest.approx(0.25 * robust.item() + 0.75 * natural.item(), rel=1e-5)
+    mixed.backward()  # the natural CE reaches the weights
+    assert all(p.grad is not None for p in module.model.parameters())
+    assert CertifiedTraining(_net(), eps=EPS).objective.kappa == 0.0
+    with pytest.raises(ValueError, match="final_kappa"):
+        CertifiedTraining(_net(), eps=EPS, final_kappa=1.5)
+
+
 class _NormRecordingAdam(torch.optim.Adam):
     def __init__(self, params, norms):
         super().__init__(params, lr=1e-3)

@@ -65,6 +65,55 @@ def test_start_is_uniform_in_the_ball():
     assert all(p.grad is None for p in flat.parameters())
 
 
+@pytest.mark.parametrize("clip_start", [True, False])
+def test_clip_start_decides_whether_the_first_gradient_sees_the_box(clip_start):
+    """On saturated pixels (0 and 1): the unclipped start takes the FGSM gradient outside [0, 1], the clipped
+    one inside; x_adv is Proj_box(Proj_ball(x + d0 + alpha * sign(g(x + d0)))) either way (the formula)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(16, 1, 8, 8, generator=g) > 0.5).float()  # every pixel saturated
+    y = torch.randint(0, 10, (16,), generator=g)
+    net = SmallCNN(width=4).eval()
+    fed = []
+    hook = net.register_forward_pre_hook(lambda m, args: fed.append(args[0].detach().clone()))
+    module = FastAT(net, eps=0.3, clip_start=clip_start)
+    torch.manual_seed(0)
+    x_adv = module.perturb(x, y)
+    hook.remove()
+    torch.manual_seed(0)
+    start = torch.empty_like(x).uniform_(-0.3, 0.3)
+    start = (x + start).clamp(0, 1) - x if clip_start else start
+    assert torch.equal(fed[0], x + start)
+    leaves_box = bool((fed[0] < 0).any() or (fed[0] > 1).any())
+    assert leaves_box is not clip_start
+    x_in = (x + start).requires_grad_(True)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(net(x_in), y, reduction="sum"), x_in)
+    expected = (x + (start + 0.375 * grad.sign()).clamp(-0.3, 0.3)).clamp(0, 1)
+    assert torch.equal(x_adv, expected)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and (x_adv - x).abs().max() <= 0.3 + 1e-6
+
+
+@pytest.mark.parametrize("peak", [0.5, 0.4, 0.25])
+def test_the_cycle_peaks_where_asked(peak):
+    """Against np.interp of (0, 0) -> (peak * T, lr) -> (T, 0); the 0.5 case bit for bit as the old formula."""
+    import numpy as np
+
+    from lit_robust.defenses.fast_at import cyclic_lr
+
+    total = 40
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    schedule = cyclic_lr(optimizer, total, peak)
+    lrs = []
+    for _ in range(total + 2):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx(list(np.interp(range(total + 2), [0, peak * total, total], [0, 1, 0])), abs=1e-12)
+    if peak == 0.5:
+        assert lrs == [max(0.0, 1.0 - abs(s - total / 2) / (total / 2)) for s in range(total + 2)]
+    with pytest.raises(ValueError, match="lr_peak"):
+        FastAT(SmallCNN(width=4), lr_peak=1.0)
+
+
 def test_default_schedule_is_the_cyclic_lr(tmp_path, digits, scripted):
     """0 -> peak at the half-way iteration -> 0, stepped every iteration; SGD 0.9 / 5e-4 with peak 0.2."""
     seen = []

@@ -27,7 +27,8 @@ N = 180  # test digits used; the default tolerance is then 1 / sqrt(180) = 0.075
 BUDGET = dict(steps=10, restarts=2, apgd_steps=25, square_queries=300)  # small, for a 2-core CPU
 TINY = dict(steps=2, restarts=1, apgd_steps=2, square_queries=5)  # for tests about check 1 only
 NAMES = ["deterministic_eval", "iterative_beats_single_step", "more_iterations_do_not_help_the_model",
-         "accuracy_decreases_with_eps", "black_box_does_not_beat_white_box", "apgd_ce_vs_dlr"]
+         "accuracy_decreases_with_eps", "black_box_does_not_beat_white_box", "apgd_ce_vs_dlr",
+         "reference_attacks_do_not_beat_pgd"]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,10 @@ def test_saturated_logits_are_flagged(model, data):
     assert dlr.numbers["gap"] == pytest.approx(dlr.numbers["apgd_ce_acc"] - dlr.numbers["apgd_dlr_acc"])
     assert checks["black_box_does_not_beat_white_box"].numbers["square_acc"] < 0.1  # Square's margin loss works
     assert checks["deterministic_eval"].status == "pass"
+    # PGD (cross-entropy, fixed steps) is fooled too, and the reference attack shows by how much
+    reference = checks["reference_attacks_do_not_beat_pgd"]
+    assert reference.status == "warn" and "APGD-DLR" in reference.message and "report the worst case" in reference.message
+    assert reference.numbers["gap"] == pytest.approx(reference.numbers["pgd_acc"] - dlr.numbers["apgd_dlr_acc"])
 
 
 def test_randomised_model_fails_the_determinism_check(model, data):
@@ -173,9 +178,11 @@ def test_two_classes_cannot_run_dlr():
     x = torch.rand(40, 1, 8, 8, generator=g)
     y = (x.mean((1, 2, 3)) > 0.5).long()
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()
-    dlr = gradient_masking_checks(net, x, y, 0.1, **TINY)[-1]
+    checks = gradient_masking_checks(net, x, y, 0.1, **TINY)
+    dlr, reference = checks[-2], checks[-1]
     assert dlr.name == "apgd_ce_vs_dlr" and dlr.status == "warn" and "not run" in dlr.message
     assert dlr.numbers["num_classes"] == 2
+    assert reference.name == "reference_attacks_do_not_beat_pgd" and "APGD-CE" in reference.message  # CE alone
 
 
 def test_accuracy_vs_eps_starts_at_clean_accuracy_and_falls(model, data):

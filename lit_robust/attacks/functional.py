@@ -43,8 +43,14 @@ def project(delta: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
     return (x + delta).clamp(0.0, 1.0) - x
 
 
-def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
-    """A uniform draw from the eps-ball (Linf: U(-eps, eps) per pixel; L2: uniform in the ball), box-projected."""
+def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None,
+                 clip: bool = True) -> Tensor:
+    """A uniform draw from the eps-ball (Linf: U(-eps, eps) per pixel; L2: uniform in the ball), box-projected.
+
+    ``clip=False`` skips the box: ``x + delta`` may leave [0, 1] on saturated pixels until the first
+    ascent step's projection (the official MNIST FGSM-RS script, ``train_mnist.py``; its CIFAR-10
+    script clips the start).
+    """
     noise = torch.empty_like(x)
     if norm == "linf":
         noise.uniform_(-eps, eps, generator=generator)
@@ -55,7 +61,7 @@ def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | 
         d = x[0].numel()
         u = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)
         noise = direction * (eps * u.pow(1.0 / d)).view(-1, *([1] * (x.dim() - 1)))
-    return project(noise, x, eps, norm)
+    return project(noise, x, eps, norm) if clip else noise
 
 
 def gaussian_start(x: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:

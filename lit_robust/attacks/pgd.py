@@ -91,6 +91,10 @@ class PGD(Attack):
         step_size: step per iteration; default ``2.5 * eps / steps`` (Madry et al.'s rule).
         norm: ``"linf"`` (sign steps) or ``"l2"`` (unit-gradient steps).
         random_start: start from a uniform draw in the ball instead of the clean image.
+        clip_start: box-project that uniform start before the first gradient (default, as
+            every official PGD code and the CIFAR-10 FGSM-RS script); ``False`` takes the first
+            gradient at ``x + delta`` even where it leaves [0, 1], as the official MNIST FGSM-RS
+            script does. Every later iterate and ``x_adv`` are projected either way.
         start_std: with ``random_start``, start from ``x + start_std * N(0, 1)`` instead
             (TRADES and MART use 0.001), not projected before the first step, as in their
             official code (see :func:`~lit_robust.attacks.functional.gaussian_start`).
@@ -125,6 +129,7 @@ class PGD(Attack):
         track_fosc: bool = False,
         start_std: Optional[float] = None,
         fosc_reference: Literal["clean", "start"] = "clean",
+        clip_start: bool = True,
     ) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -145,7 +150,7 @@ class PGD(Attack):
         self.eps = float(eps)
         self.steps = int(steps)
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
-        self.random_start = random_start
+        self.random_start, self.clip_start = random_start, clip_start
         self.restarts = int(restarts)
         self.loss = loss
         self.bn_mode = bn_mode
@@ -175,6 +180,7 @@ class PGD(Attack):
 
     def __repr__(self) -> str:
         start = "" if self.start_std is None else f", start_std={self.start_std:.4g}"
+        start += "" if self.clip_start else ", clip_start=False"
         return (
             f"{type(self).__name__}(eps={self.eps:.4g}, steps={self.steps}, step_size={self.step_size:.4g}, "
             f"norm={self.norm!r}, random_start={self.random_start}{start}, restarts={self.restarts}, "
@@ -228,7 +234,7 @@ class PGD(Attack):
             return torch.zeros_like(x)
         if self.start_std is not None:
             return AF.gaussian_start(x, self.start_std)
-        return AF.random_start(x, self.eps, self.norm)
+        return AF.random_start(x, self.eps, self.norm, clip=self.clip_start)
 
     def _ascend(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The K masked ascent steps on ``loss_fn(logits, target)``; returns x_adv, the steps each example
@@ -262,7 +268,8 @@ class FGSM(PGD):
         random_start: bool = False,
         loss: Literal["ce", "margin", "dlr"] = "ce",
         bn_mode: Literal["eval", "train"] = "eval",
+        clip_start: bool = True,
     ) -> None:
         if step_size is None:
             step_size = 1.25 * eps if random_start else eps
-        super().__init__(eps, 1, step_size, norm, random_start, 1, loss, bn_mode)
+        super().__init__(eps, 1, step_size, norm, random_start, 1, loss, bn_mode, clip_start=clip_start)

@@ -31,7 +31,10 @@ def log_mean_softmax(logits: Tensor) -> Tensor:
 def project_l2(z: Tensor, x: Tensor, radius: float) -> Tensor:
     """``z`` moved into the L2 ball of ``radius`` around ``x`` (per example), then clipped to [0, 1].
 
-    Ball first, box second, as the official ``_project`` (``renorm`` then ``clamp``).
+    Ball first, box second, as the official ``_project`` (``renorm`` then ``clamp``). One difference:
+    ``torch.renorm`` scales a too-long ``delta`` by ``radius / (||delta|| + 1e-7)``, leaving it just inside
+    the ball (relative shortfall ``1e-7 / ||delta||``, 2e-7 at ``||delta|| = 0.5``: float32 noise); here
+    the factor is ``radius / ||delta||``, so the result lies on the sphere.
     """
     delta = z - x
     norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))

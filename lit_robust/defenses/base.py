@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -76,7 +76,12 @@ class AdversarialModule(L.LightningModule):
         lr_scheduler: ``optimizer -> LRScheduler`` stepped every ``lr_scheduler_interval``;
             default ``default_lr_scheduler`` (the paper's; in the base x0.1 at 50% and 75% of
             the training steps, Rice et al.'s 100/150 of 200 epochs, computed from
-            ``trainer.estimated_stepping_batches``).
+            ``trainer.estimated_stepping_batches``). The paper's schedule also applies to an
+            ``optimizer`` given without ``lr_scheduler`` (so ``optimizer=`` changes the optimizer,
+            not the recipe's decay); for a constant learning rate pass
+            ``lr_scheduler=lambda opt: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)``
+            (in a config: ``class_path: torch.optim.lr_scheduler.ConstantLR`` with ``factor: 1.0``).
+            One INFO line at fit start says which schedule runs.
         attack_bn_mode: module mode during the training attack, ``"eval"`` (running BN
             statistics, untouched) or ``"train"`` (batch statistics, as Madry/Rice did).
         val_attack_steps, test_attack_steps: PGD iterations of the evaluation attacks (step
@@ -405,16 +410,24 @@ class AdversarialModule(L.LightningModule):
         optimizer = self.default_optimizer(params) if self.optimizer_factory is None else self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             scheduler, interval = self.default_lr_scheduler(optimizer)
+            schedule = (f"the paper's: {self._default_schedule_doc()} (an optimizer given without lr_scheduler "
+                        "keeps it; pass lr_scheduler to replace it)")
         else:
             scheduler, interval = self.lr_scheduler_factory(optimizer), self.lr_scheduler_interval
+            schedule = f"the given {type(scheduler).__name__}, stepped every {interval}"
+        rank_zero_info(f"{type(self).__name__}: {type(optimizer).__name__}, learning-rate schedule {schedule}")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _default_schedule_doc(self) -> str:
+        doc = (type(self).default_lr_scheduler.__doc__ or "").strip().splitlines()
+        return doc[0].rstrip(".") if doc else type(self).default_lr_scheduler.__qualname__
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The paper's optimizer when none is given; here SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)."""
         return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> tuple[Any, str]:
-        """The paper's schedule and its interval; here x0.1 at 50% and 75% of the training steps."""
+        """x0.1 at 50% and 75% of the training steps (Rice et al.: epochs 100 and 150 of 200), stepped every step."""
         total = finite_total(self.trainer.estimated_stepping_batches)
         milestones = [int(total * 0.5), int(total * 0.75)]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1), "step"

@@ -31,6 +31,7 @@ class CertifiedTraining(AdversarialModule):
         lb     = margin lower bounds of z_y - z_j over {|x' - x|_inf <= eps_t} ∩ [0, 1]
                  (IBP, or beta * CROWN-IBP + (1 - beta) * IBP with beta = 1 - eps_t (1 - final_beta) / train_eps)
         loss   = CE([0, -lb], 0)           (= clean CE while eps_t = 0: the bounds are then exact)
+        [loss  = (1 - kappa) loss + kappa CE(f(x), y), kappa = 1 - eps_t (1 - final_kappa) / train_eps]
 
     ``val/certified_acc`` and ``test/certified_acc`` (fraction of examples whose every margin bound is
     positive at the module's ``eps``, with running BN statistics) are logged beside clean and PGD accuracy;
@@ -44,6 +45,10 @@ class CertifiedTraining(AdversarialModule):
     implemented. CROWN-IBP's own recipe (DM-large, no BN): ``method="crown-ibp"``, ``train_eps_factor=1.1``,
     no IBP init, the smoothed ramp (``"schedule_type": "smoothed"`` in the official DM-large configs) over
     half of training, Adam 5e-4 (see ``configs/cifar10/crown_ibp.yaml``).
+    CROWN-IBP's MNIST recipe (``config/mnist_dm-large_0.4.json``; ``0.2.json`` alike with 100 epochs): DM-large,
+    the ``robust_natural`` loss with ``final_kappa=0.5`` (the official default), ``method="crown-ibp"``,
+    ``final_beta=0``, train at 0.4 to certify 0.3 (``train_eps_factor=4/3``), a linear ramp of 51 epochs after
+    10 at eps 0, Adam 5e-4, batch 256, 200 epochs with lr x0.1 at epochs 130 and 190, no IBP init, no clipping.
     With BN in train mode the bounds use the clean batch's statistics (auto_LiRPA's ``bn mode="forward"``).
 
     Cost per step (F/B = a forward/backward of the plain network): IBP about 4F + 3B (a clean forward for
@@ -56,6 +61,9 @@ class CertifiedTraining(AdversarialModule):
         eps: the L-inf radius certified at validation and test (and attacked by PGD there).
         method: training relaxation, ``"ibp"`` or ``"crown-ibp"``.
         final_beta: CROWN-IBP's weight at the end of the ramp (0: the paper's 8/255 setting; 1: its 2/255).
+        final_kappa: mix the clean cross-entropy in with weight kappa, ramped from 1 at eps 0 to
+            ``final_kappa`` at the training radius (CROWN-IBP's ``robust_natural`` method; its MNIST
+            configs use 0.5); None (default): the robust CE alone (its ``robust`` method, the CIFAR configs).
         lower_slope: CROWN's ReLU lower line, ``"adaptive"``, ``"zero"`` or ``"one"``.
         train_eps_factor: training radius = ``eps * train_eps_factor`` (CROWN-IBP trains at 1.1x).
         eval_bounds: relaxations tried at evaluation; certified if any certifies.
@@ -80,6 +88,7 @@ class CertifiedTraining(AdversarialModule):
         eps_ramp_shape: Literal["linear", "smoothed"] = "smoothed",
         ibp_init: bool = True,
         grad_clip_norm: float = 10.0,
+        final_kappa: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("awp_gamma", 0) or kwargs.get("norm", "linf") != "linf":
@@ -91,7 +100,7 @@ class CertifiedTraining(AdversarialModule):
             raise ValueError(f"eval_bounds must be a non-empty subset of {METHODS}, got {eval_bounds!r}")
         check_network(model)
         super().__init__(model, eps=eps, **kwargs)
-        self.objective = CertifiedObjective(eps * train_eps_factor, method, final_beta, lower_slope)
+        self.objective = CertifiedObjective(eps * train_eps_factor, method, final_beta, lower_slope, final_kappa)
         self.eval_bounds = tuple(eval_bounds)
         self.eps_ramp = (eps_ramp_epochs, eps_warmup_epochs, eps_ramp_shape)
         self.grad_clip_norm = grad_clip_norm
@@ -106,11 +115,16 @@ class CertifiedTraining(AdversarialModule):
         raise TypeError(f"{type(self).__name__} trains on bounds, not on adversarial examples")
 
     def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
-        with torch.no_grad():  # BN running statistics and train/clean_acc; the bounds use their own pass
+        kappa = self.objective.kappa
+        with torch.set_grad_enabled(kappa > 0):  # BN running statistics, train/clean_acc and the natural CE
             clean_logits = self.model(x)
         loss = self.certified_loss(x, y)
+        if kappa > 0:
+            loss = (1 - kappa) * loss + kappa * self.cross_entropy(clean_logits, y)
         # a CPU tensor: Lightning would copy a Python number to the GPU, a blocking copy every step
         self.log("train/crown_beta", torch.tensor(self.objective.beta), on_step=False, on_epoch=True)
+        if self.objective.final_kappa is not None:
+            self.log("train/natural_kappa", torch.tensor(kappa), on_step=False, on_epoch=True)
         return TrainingOutput(loss, clean_logits=clean_logits)
 
     def certified_loss(self, x: Tensor, y: Tensor) -> Tensor:

@@ -46,6 +46,19 @@ class FastAT(AdversarialModule):
     (``cyclic_lr``; the peak is the optimizer's lr, 0.2 by default), guard on with a 0.2 drop.
     See ``configs/cifar10/fast_at.yaml``.
 
+    Two official scripts, two details (``clip_start``, ``lr_peak``):
+
+    * ``CIFAR10/train_fgsm.py`` (the defaults): the uniform start is box-clipped before the
+      FGSM gradient (``clip_start=True``); SGD, lr cycle peaking at the half-way iteration
+      (``lr_peak=0.5``).
+    * ``MNIST/train_mnist.py`` (eps 0.3, alpha 0.375, Adam lr 5e-3, batch 100, 10 epochs, no
+      BatchNorm in its network): the start is *not* clipped (``clip_start=False``; only the input
+      after the step is), so on pixels saturated at 0 or 1 the gradient is taken outside the
+      image box, where it is not zeroed by the clip; lr cycle peaking at 2/5 of training
+      (``lr_peak=0.4``). The two differ only where pixels sit at 0 or 1: on handwriting and
+      digits many do, on natural images few (``benchmarks/RESULTS.md`` measures both settings
+      on the digits).
+
     Cost: 2 forward+backward passes per step (FGSM + update). The guard adds
     ``co_check_steps`` forward+backward passes and one forward on a single batch per epoch,
     plus a CPU copy of the weights (the previous epoch's, to restore).
@@ -89,12 +102,16 @@ class FastAT(AdversarialModule):
         co_guard: bool = True,
         co_drop: float = 0.2,
         co_check_steps: int = 5,
+        clip_start: bool = True,
+        lr_peak: float = 0.5,
         **kwargs: Any,
     ) -> None:
         if step_size is None and eps > 0:
             step_size = 1.25 * eps
         super().__init__(model, eps=eps, step_size=step_size, **kwargs)
-        self.attack = FGSM(self.eps, self.step_size, self.norm, random_start=True, bn_mode=self.attack_bn_mode)
+        self.lr_peak = check_peak(lr_peak)
+        self.attack = FGSM(self.eps, self.step_size, self.norm, random_start=True, bn_mode=self.attack_bn_mode,
+                           clip_start=clip_start)
         try:  # validated even with the guard off; the monitor's messages start with the argument's name
             monitor = CatastrophicOverfittingMonitor(drop=co_drop, check_steps=co_check_steps)
         except ValueError as err:
@@ -115,7 +132,7 @@ class FastAT(AdversarialModule):
 
     def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> tuple[Any, str]:
         """The paper's cycle over all training iterations, stepped every iteration."""
-        return cyclic_lr(optimizer, finite_total(self.trainer.estimated_stepping_batches)), "step"
+        return cyclic_lr(optimizer, finite_total(self.trainer.estimated_stepping_batches), self.lr_peak), "step"
 
     # --- catastrophic-overfitting guard ----------------------------------------------------
 
@@ -130,11 +147,22 @@ class FastAT(AdversarialModule):
         return None if self.co_monitor is None else self.co_monitor.stopped_epoch
 
 
-def cyclic_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
-    """Linear from 0 up to the optimizer's lr at ``total_steps / 2``, then down to 0 at ``total_steps``.
+def cyclic_lr(optimizer: torch.optim.Optimizer, total_steps: int, peak: float = 0.5) -> LambdaLR:
+    """Linear from 0 up to the optimizer's lr at ``peak * total_steps``, then down to 0 at ``total_steps``.
 
-    The triangle of torch's ``CyclicLR(base_lr=0, step_size_up=step_size_down=total/2)`` used by
-    the official code, without its momentum cycle; 0 after ``total_steps``.
+    ``peak=0.5``: the triangle of torch's ``CyclicLR(base_lr=0, step_size_up=step_size_down=total/2)``
+    used by the official CIFAR-10 code, without its momentum cycle. ``peak=0.4``: the official MNIST
+    script's ``np.interp(t, [0, epochs * 2 // 5, epochs], [0, lr_max, 0])`` (exactly for a number of
+    epochs divisible by 5; that script evaluates it one iteration ahead, ``t = epoch + (i + 1) / n``,
+    so its first step is not at lr 0). 0 after ``total_steps``.
     """
-    half = total_steps / 2
-    return LambdaLR(optimizer, lambda step: max(0.0, 1.0 - abs(step - half) / half))
+    up, down = check_peak(peak) * total_steps, (1 - peak) * total_steps
+    return LambdaLR(optimizer, lambda step: max(0.0, 1.0 - (up - step) / up if step <= up else
+                                                1.0 - (step - up) / down))
+
+
+def check_peak(peak: float) -> float:
+    """``peak`` if it is a fraction of training in (0, 1), else a ``ValueError`` naming ``lr_peak``."""
+    if not 0 < peak < 1:
+        raise ValueError(f"lr_peak must be in (0, 1), got {peak}")
+    return float(peak)

@@ -51,8 +51,12 @@ class MART(CleanAdversarialKL):
     AutoAttack. AWP README: MART-AWP, WRN-34-10, 84.43 / 54.23 AutoAttack.
 
     Deviations we chose: the KL takes ``log_softmax`` of the adversarial logits where the
-    official code takes ``log(softmax + 1e-12)`` (equal unless a probability is below about
-    1e-10); the most likely wrong class is a masked argmax instead of an argsort (same class
+    official code takes ``log(softmax + 1e-12)``. The two differ by ``log(1 + 1e-12 / p)``, about
+    ``1e-12 / p`` for each class probability ``p``: below float32 noise (~1e-7) while ``p`` is above
+    about 1e-5, 2e-4 at ``p = 5e-9``, and without bound as ``p -> 0``, where the official term
+    saturates at ``log(1e-12)`` (and its gradient vanishes) while ``log_softmax`` keeps going. Such
+    classes carry almost no weight in the KL (it sums ``p_clean * log p_adv``), so the losses agree to
+    float noise on ordinary batches; the most likely wrong class is a masked argmax instead of an argsort (same class
     up to ties). ``label_smoothing`` applies to the CE term of BCE. The attack loss is the
     per-example CE summed over the batch (the official: batch mean); sign steps make the two
     identical.

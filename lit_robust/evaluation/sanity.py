@@ -138,7 +138,7 @@ def gradient_masking_checks(
     batch_size: int = 500,
     progress: Optional[bool] = None,
 ) -> list[Check]:
-    """Runs the six sanity checks on ``(x, y)`` at radius ``eps``; each returns a :class:`Check`.
+    """Runs the seven sanity checks on ``(x, y)`` at radius ``eps``; each returns a :class:`Check`.
 
     1. ``deterministic_eval``: two eval-mode forward passes agree, every module ran in eval
        mode, and the model was not handed over in train mode.
@@ -155,6 +155,10 @@ def gradient_masking_checks(
     6. ``apgd_ce_vs_dlr``: APGD-CE accuracy is not above APGD-DLR accuracy by more than
        tolerance (``apgd_steps`` iterations each); needs >= 3 classes, else a warning that
        it could not run.
+    7. ``reference_attacks_do_not_beat_pgd``: PGD-``steps`` accuracy is not above the best APGD's
+       (CE or DLR) by more than tolerance. A large gap means PGD's fixed steps are misled by the
+       loss surface, the classic sign of gradient masking after single-step training (FGSM-RS,
+       FGSM-SDI); report the worst case over attacks, never PGD alone.
 
     ``tolerance`` defaults to :func:`default_tolerance` of ``len(x)``. Costs roughly
     ``steps * (11 + restarts) + 2 * apgd_steps`` forward+backward passes and
@@ -211,6 +215,7 @@ def gradient_masking_checks(
         _eps_check(curve, big, steps, tol),
         _square_check(white, square, square_queries, tol),
         _dlr_check(acc, num_classes, apgd_steps, tol),
+        _reference_check(acc, steps, apgd_steps, tol),
     ]
 
 
@@ -328,6 +333,21 @@ def _dlr_check(acc: dict[str, float], num_classes: int, apgd_steps: int, tol: fl
     numbers = {"apgd_ce_acc": ce, "apgd_dlr_acc": dlr, "gap": ce - dlr, "num_classes": float(num_classes),
                "apgd_steps": float(apgd_steps), "tolerance": tol}
     return Check("apgd_ce_vs_dlr", passed, numbers, message)
+
+
+def _reference_check(acc: dict[str, float], steps: int, apgd_steps: int, tol: float) -> Check:
+    pgd = acc["pgd"]
+    name, best = min(((k, v) for k, v in acc.items() if k.startswith("apgd")), key=lambda kv: kv[1])
+    shown = name.replace("apgd_", "APGD-").upper()
+    passed = pgd - best <= tol
+    message = f"PGD-{steps} ({pgd:.1%}) is within {tol:.1%} of the best reference attack, {shown} ({best:.1%})"
+    if not passed:
+        message = (f"{shown} ({apgd_steps} iterations) finds {pgd - best:.1%} more than PGD-{steps} "
+                   f"({best:.1%} vs {pgd:.1%}): PGD's fixed steps are misled by the loss surface, a sign of "
+                   "gradient masking (typical after single-step training); report the worst case, not PGD")
+    numbers = {"pgd_acc": pgd, "best_reference_acc": best, "gap": pgd - best, "steps": float(steps),
+               "apgd_steps": float(apgd_steps), "tolerance": tol}
+    return Check("reference_attacks_do_not_beat_pgd", passed, numbers, message)
 
 
 # --- plumbing ------------------------------------------------------------------------------
