@@ -4,13 +4,15 @@ Each keeps its state in checkpoints (``state_dict`` / ``load_state_dict``), so a
 continues as if it had never stopped.
 """
 
+from lit_robust.callbacks.adversarial_training import AdversarialTraining
 from lit_robust.callbacks.catastrophic_overfitting import CatastrophicOverfittingMonitor
 from lit_robust.callbacks.early_stopping import RobustEarlyStopping, robust_checkpoint
 from lit_robust.callbacks.ema import EMA
 from lit_robust.callbacks.exact_resume import ExactResume
 from lit_robust.callbacks.example_logger import AdversarialExampleLogger
 from lit_robust.callbacks.fosc import FOSCSchedule
+from lit_robust.callbacks.robust_evaluation import RobustEvaluation
 from lit_robust.callbacks.schedules import AttackSchedule, AttackStepsSchedule, EpsilonSchedule
 
-__all__ = ["AdversarialExampleLogger", "AttackSchedule", "AttackStepsSchedule", "CatastrophicOverfittingMonitor",
-           "EMA", "EpsilonSchedule", "ExactResume", "FOSCSchedule", "RobustEarlyStopping", "robust_checkpoint"]
+__all__ = ["AdversarialExampleLogger", "AdversarialTraining", "AttackSchedule", "AttackStepsSchedule", "CatastrophicOverfittingMonitor",
+           "EMA", "EpsilonSchedule", "ExactResume", "FOSCSchedule", "RobustEarlyStopping", "RobustEvaluation", "robust_checkpoint"]

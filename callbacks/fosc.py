@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lit_robust.attacks import PGD
 from lit_robust.attacks.pgd import FOSC_REFERENCES
-from lit_robust.callbacks.schedules import AttackSchedule, scheduled_attack
+from lit_robust.callbacks.schedules import AttackSchedule, attack_owner, scheduled_attack
 
 
 class FOSCSchedule(AttackSchedule):
@@ -33,8 +33,9 @@ class FOSCSchedule(AttackSchedule):
     measures from the random start instead (``fosc_reference="start"``).
 
     Works with any defense whose training attack is a PGD (``pl_module.scheduled_attack()``):
-    PGD-AT, TRADES (FOSC of its KL objective), MART, Fast AT. Logged: ``train/fosc_threshold``,
-    and by the defense ``train/fosc_mean`` and ``train/attack_steps`` (means over the epoch,
+    PGD-AT, TRADES (FOSC of its KL objective), MART, Fast AT; and with any LightningModule trained
+    through the ``AdversarialTraining`` callback. Logged: ``train/fosc_threshold``, and by the
+    defense (or the callback) ``train/fosc_mean`` and ``train/attack_steps`` (means over the epoch,
     global under DDP); the FOSC values of the epoch go to TensorBoard as the histogram
     ``train/fosc`` (rank 0's examples).
 
@@ -81,7 +82,7 @@ class FOSCSchedule(AttackSchedule):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        result = getattr(pl_module, "last_attack_result", None)
+        result = getattr(attack_owner(pl_module, self), "last_attack_result", None)
         if self.log_histogram and trainer.is_global_zero and result is not None and result.fosc is not None:
             self._epoch_fosc.append(result.fosc.detach())
 

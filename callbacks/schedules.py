@@ -1,6 +1,7 @@
 """Attack-strength schedules: the training attack's eps or number of steps, ramped over training.
 
-A schedule sets ``pl_module.scheduled_attack()`` (the defense's PGD-family training attack)
+A schedule sets ``pl_module.scheduled_attack()`` (the defense's PGD-family training attack, or the
+``AdversarialTraining`` callback's attack for a module that is not a defense)
 at the start of every epoch, or of every batch with ``per_step=True``. The value is a pure
 function of the training progress (``epoch + batch_idx / batches_per_epoch``), so it is
 the same on every DDP rank and a resumed run continues the ramp exactly. Validation and
@@ -20,15 +21,25 @@ from lit_robust.attacks import PGD
 SHAPES = ("linear", "smoothed")
 
 
+def attack_owner(pl_module: L.LightningModule, schedule: L.Callback) -> Any:
+    """What holds the training attack: the module (a defense, or any module with ``scheduled_attack()``) or
+    else the Trainer's ``AdversarialTraining`` callback; an error saying what a schedule needs otherwise."""
+    if hasattr(pl_module, "scheduled_attack"):
+        return pl_module
+    trainer = pl_module._trainer
+    owners = [c for c in (trainer.callbacks if trainer is not None else []) if hasattr(c, "scheduled_attack")]
+    if len(owners) == 1:
+        return owners[0]
+    raise TypeError(f"{type(schedule).__name__} sets the training attack of a lit_robust defense "
+                    f"(lit_robust.defenses, through its scheduled_attack()) or of the AdversarialTraining "
+                    f"callback; {type(pl_module).__name__} has none and the Trainer has "
+                    f"{len(owners)} such callbacks: train with a defense, add one AdversarialTraining callback, or "
+                    "give your LightningModule a scheduled_attack() method returning the PGD its training_step runs")
+
+
 def scheduled_attack(pl_module: L.LightningModule, schedule: L.Callback) -> PGD:
-    """The module's training attack for ``schedule`` to set, or an error saying what a schedule needs."""
-    find = getattr(pl_module, "scheduled_attack", None)
-    if find is None:
-        raise TypeError(f"{type(schedule).__name__} sets the training attack of a lit_robust defense "
-                        f"(lit_robust.defenses, through its scheduled_attack()); {type(pl_module).__name__} has "
-                        "none: train with a defense, or give your LightningModule a scheduled_attack() method "
-                        "returning the lit_robust.attacks.PGD its training_step runs")
-    return find()
+    """The training attack for ``schedule`` to set (:func:`attack_owner`'s)."""
+    return attack_owner(pl_module, schedule).scheduled_attack()
 
 
 def ramp(u: float, shape: str = "linear", mid: float = 0.25, beta: float = 4.0) -> float:

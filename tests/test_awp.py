@@ -11,7 +11,7 @@ from digits_bench import EPS, digits, digits_accuracy, fit_on_digits, sgd
 from lightning.pytorch.callbacks import Callback
 
 from lit_robust.defenses import PGDAT, StandardTraining
-from lit_robust.defenses.awp import WeightPerturbation, perturbable_weights
+from lit_robust.objectives.awp import WeightPerturbation, perturbable_weights
 from lit_robust.models import SmallCNN
 
 

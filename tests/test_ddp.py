@@ -87,13 +87,15 @@ def test_every_defense_syncs_gradients_once_per_step_without_unused_parameters(t
     """find_unused_parameters=False throughout; all-reduces per optimizer step equal standard training's;
     replicas identical after the steps (see tests/helpers/ddp_checks.py)."""
     ranks = _launch(CHECKS, tmp_path)
-    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 14
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 16  # 14 defenses' runs, a foreign module's two
     per_step = ranks[0]["StandardTraining"]["allreduces"] / ranks[0]["StandardTraining"]["optimizer_steps"]
     assert per_step >= 1
     for name, result in ranks[0].items():
         assert result["optimizer_steps"] >= 3, name
         assert result["allreduces"] == per_step * result["optimizer_steps"], (name, result)
         assert result["finite"] and result["checksum"] == ranks[1][name]["checksum"], name
+    # the AdversarialTraining callback adds no collective to a module that is not ours
+    assert ranks[0]["Foreign+AdversarialTraining"]["allreduces"] == ranks[0]["Foreign"]["allreduces"]
 
 
 def test_eval_mode_attacks_make_no_collective_call_through_sync_batchnorm(tmp_path):

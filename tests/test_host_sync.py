@@ -100,27 +100,33 @@ def test_training_step_does_not_sync_with_the_host(tmp_path, case, accelerator):
     name, _, variant = case.partition("+")
     module = tiny_defense(name, awp_gamma=0.01) if variant == "awp" else tiny_defense(name)
     callbacks = [FOSCSchedule(c_max=0.5, dynamic_epochs=2)] if variant == "fosc" else []
-    step, seen = module.training_step, []
+    seen = []
+    module.training_step = recorded(module.training_step, accelerator, seen)
+    data = DigitsDataModule(batch_size=16)
+    training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=3, log_every_n_steps=1,
+                          callbacks=callbacks, accelerator=accelerator).fit(module, data)
+    assert len(seen) == 2 and seen == [[], []], seen
 
-    def recorded(batch, batch_idx):
+
+def recorded(step, accelerator: str, seen: list):
+    """``step(..., batch_idx, ...)`` recording its host syncs into ``seen`` (batch 0 exempt); on a GPU also under
+    torch's detector, which raises at any CUDA call that waits for the device."""
+    def run(*args):
+        batch_idx = args[-1]
         if batch_idx == 0:
-            return step(batch, batch_idx)
+            return step(*args)
         if accelerator == "cuda":
             torch.cuda.set_sync_debug_mode("error")
         try:
             with HostSyncRecorder() as recorder:
-                out = step(batch, batch_idx)
+                out = step(*args)
         finally:
             if accelerator == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
         seen.append(recorder.seen)
         return out
 
-    module.training_step = recorded
-    data = DigitsDataModule(batch_size=16)
-    training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=3, log_every_n_steps=1,
-                          callbacks=callbacks, accelerator=accelerator).fit(module, data)
-    assert len(seen) == 2 and seen == [[], []], seen
+    return run
 
 
 def _loop_syncs(tmp_path, steps, callbacks=(), name="PGDAT"):
@@ -190,3 +196,20 @@ def test_cuda_batches_run_without_waiting_for_the_device(tmp_path, name):
                                     callbacks=[_OpenSyncWindow(), *callbacks, close])
     trainer.fit(module, DigitsDataModule(batch_size=16))
     assert close.batches == 5
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_the_adversarial_training_callback_does_not_sync_with_the_host(tmp_path, accelerator):
+    """A module that is not ours: the callback's part of each step (input check aside, first batch), a FOSC-stopped
+    PGD on a seeded half of the batch with its logging, is recorded (and, on a GPU, under torch's detector)."""
+    from helpers.foreign_module import DictDigits, ForeignClassifier
+
+    from lit_robust.attacks import PGD
+    from lit_robust.callbacks import AdversarialTraining
+
+    callback = AdversarialTraining(PGD(0.2, 3, 0.1, fosc_threshold=0.05), inputs="image", targets="label", fraction=0.5)
+    seen = []
+    callback.adversarial_batch = recorded(callback.adversarial_batch, accelerator, seen)
+    training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[callback],
+                          accelerator=accelerator).fit(ForeignClassifier(width=4), DictDigits(batch_size=16))
+    assert seen == [[], []], seen

@@ -5,7 +5,7 @@
 which have no adversarial batch and are tested by their own contract.
 """
 
-from lit_robust.defenses.awp import WeightPerturbation
+from lit_robust.objectives.awp import WeightPerturbation
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
 from lit_robust.defenses.certified import CertifiedTraining
 from lit_robust.defenses.deat import DEAT

@@ -16,7 +16,6 @@ logged names ``train/loss``, ``train/adv_acc``, ``val/clean_acc``,
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as L
@@ -35,7 +34,8 @@ from lit_robust.batches import check_batch_key, split_batch
 from lit_robust.callbacks.exact_resume import ExactResume
 from lit_robust.checkpoints import check_checkpoints_read_by
 from lit_robust.checks import check_batch, check_eps, inputs_checked
-from lit_robust.defenses.awp import WeightPerturbation
+from lit_robust.objectives import TrainingOutput
+from lit_robust.objectives.awp import WeightPerturbation
 from lit_robust.evaluation.tiers import attack_batch
 
 _TEST_NAMES = {"clean": "clean_acc", "pgd": "robust_acc", "apgd-ce": "apgd_ce_acc", "apgd-t": "apgd_t_acc",
@@ -45,15 +45,6 @@ _METRICS = ("train/adv_acc", "train/clean_acc", "val/clean_acc", "val/robust_acc
             "train/attack_steps")
 _PROGRESS_BAR = ("robust_acc", "certified_acc", "noisy_acc")
 DEFENSE_KEY = "lit_robust_defense"  #: the checkpoint entry naming the defense class that wrote it
-
-
-@dataclass
-class TrainingOutput:
-    """What a defense's ``training_loss`` returns: the loss to minimise and the logits it saw."""
-
-    loss: Tensor
-    adv_logits: Optional[Tensor] = None  #: logits on the adversarial batch (``train/adv_acc``)
-    clean_logits: Optional[Tensor] = None  #: given when the defense computed them anyway (``train/clean_acc``)
 
 
 class AdversarialModule(L.LightningModule):
@@ -97,7 +88,7 @@ class AdversarialModule(L.LightningModule):
         autoattack_version: ``"standard"`` for deterministic models, ``"rand"`` for randomised ones.
         label_smoothing: torch's convention (target ``1 - s + s/C`` on the true class, ``s/C``
             elsewhere) for the outer cross-entropy of defenses that use ``self.cross_entropy``.
-        awp_gamma: adversarial weight perturbation (Wu et al. 2020, see ``defenses/awp.py``)
+        awp_gamma: adversarial weight perturbation (Wu et al. 2020, see ``objectives/awp.py``)
             of relative size gamma before the outer loss; 0 disables it. The paper uses 0.01
             with PGD-AT and 0.005 with TRADES. Needs automatic optimization.
         awp_warmup_epochs: epochs trained without AWP first (TRADES-AWP: 9, i.e. from the 10th).

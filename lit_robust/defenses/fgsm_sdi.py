@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import module_mode
-from lit_robust.defenses.awp import preserved_norm_statistics
+from lit_robust.objectives.awp import preserved_norm_statistics
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput, positive_int
 from lit_robust.models.sdi_generator import SDIGenerator
 

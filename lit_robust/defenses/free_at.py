@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total, positive_int
+from lit_robust.objectives import pgd_at_objective
 
 
 class FreeAT(AdversarialModule):
@@ -89,8 +90,7 @@ class FreeAT(AdversarialModule):
         self._delta: Optional[Tensor] = None  # the persistent perturbation, [largest batch, *image]
 
     def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
-        logits = self.model(x_adv)
-        return TrainingOutput(self.cross_entropy(logits, y), logits)
+        return pgd_at_objective(self.model, x, x_adv, y, self.label_smoothing)
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         """``x`` plus the current persistent perturbation, projected onto the eps-ball and [0, 1]."""

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Beta
 
 from lit_robust.attacks import PGD
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
+from lit_robust.objectives import interpolated_at_objective, sample_mix
 
 
 class InterpolatedAT(AdversarialModule):
@@ -77,25 +77,12 @@ class InterpolatedAT(AdversarialModule):
 
     def sample_mix(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """lam ~ Beta(alpha, alpha) (a 0-d tensor on ``device``) and a random permutation of the batch."""
-        concentration = torch.full((), self.alpha, device=device)
-        lam = Beta(concentration, concentration, validate_args=False).sample()
-        return lam, torch.randperm(batch_size, device=device)
-
-    def mixup_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mixup cross-entropy of one branch, and its logits ordered so that row i is judged by label i.
-
-        Returned logits row ``i`` belongs to the mixed example whose heavier label is ``y[i]``.
-        """
-        lam, perm = self.sample_mix(x.shape[0], x.device)
-        logits = self.model(lam * x + (1 - lam) * x[perm])
-        loss = lam * self.cross_entropy(logits, y) + (1 - lam) * self.cross_entropy(logits, y[perm])
-        by_heavier_label = torch.where(lam >= 0.5, logits, logits[torch.argsort(perm)])
-        return loss, by_heavier_label.detach()
+        return sample_mix(batch_size, device, self.alpha)
 
     def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
-        clean_loss, clean_logits = self.mixup_loss(x, y)
-        adv_loss, adv_logits = self.mixup_loss(x_adv, y)
-        return TrainingOutput((clean_loss + adv_loss) / 2, adv_logits, clean_logits)
+        """:func:`lit_robust.objectives.interpolated_at_objective`; returned logits row ``i`` belongs to the
+        mixed example whose heavier label is ``y[i]``."""
+        return interpolated_at_objective(self.model, x, x_adv, y, self.alpha, self.label_smoothing, self.sample_mix)
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The reference code's SGD(lr=0.1, momentum=0.9, weight_decay=2e-4)."""

@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from lit_robust.attacks import PGD
-from lit_robust.attacks import functional as AF
 from lit_robust.defenses.trades import CleanAdversarialKL, piecewise_by_epochs
+from lit_robust.objectives import mart_objective
 
 
 class MART(CleanAdversarialKL):
@@ -72,15 +70,7 @@ class MART(CleanAdversarialKL):
         return PGD(self.eps, self.steps, self.step_size, self.norm, random_start=True, start_std=0.001,
                    bn_mode=self.attack_bn_mode)
 
-    def loss_from_logits(self, clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Tensor:
-        p_adv = F.softmax(AF.upcast(adv_logits), dim=1)
-        p_clean = F.softmax(AF.upcast(clean_logits), dim=1)
-        is_true = F.one_hot(y, p_adv.shape[1]).bool()
-        p_adv_wrong = p_adv.masked_fill(is_true, -1.0).amax(1)  # p'[y'] with y' the most likely wrong class
-        bce = self.cross_entropy(adv_logits, y) - torch.log(1.0001 - p_adv_wrong + 1e-12).mean()
-        p_clean_true = p_clean.gather(1, y[:, None]).squeeze(1)
-        weighted_kl = (AF.kl_loss(adv_logits, clean_logits) * (1.0000001 - p_clean_true)).mean()
-        return bce + self.beta * weighted_kl
+    objective = staticmethod(mart_objective)  # BCE + beta * KL weighted by (1 - p_y(x))
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """SGD(lr=0.1, momentum=0.9, weight_decay=7e-4), the official WRN-34-10 recipe."""

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from lit_robust.attacks import PGD
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
+from lit_robust.objectives import pgd_at_objective
 
 
 class PGDAT(AdversarialModule):
@@ -44,5 +45,4 @@ class PGDAT(AdversarialModule):
                           restarts=restarts, bn_mode=self.attack_bn_mode)
 
     def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
-        logits = self.model(x_adv)
-        return TrainingOutput(self.cross_entropy(logits, y), logits)
+        return pgd_at_objective(self.model, x, x_adv, y, self.label_smoothing)

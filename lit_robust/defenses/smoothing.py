@@ -15,6 +15,7 @@ from lit_robust.attacks.smoothed import log_mean_softmax, project_l2, smoothmix_
 from lit_robust.certify.randomized_smoothing import ABSTAIN, Smooth
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total, positive_int
 from lit_robust.defenses.trades import piecewise_by_epochs
+from lit_robust.objectives import gaussian_augmentation_objective
 
 EVAL_SEED = 1234  #: noise of validation / test batch ``i`` comes from a generator seeded with ``EVAL_SEED + i``
 _TEST_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -173,8 +174,7 @@ class GaussianAugmentation(SmoothedClassifierModule):
     """
 
     def training_loss(self, x: Tensor, y: Tensor) -> TrainingOutput:
-        logits = self.model(self.noisy(x))
-        return TrainingOutput(self.cross_entropy(logits, y), clean_logits=logits)
+        return gaussian_augmentation_objective(self.model, x, y, self.sigma, self.label_smoothing)
 
 
 class SmoothMix(SmoothedClassifierModule):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from lit_robust.attacks import PGD, TradesKLAttack
-from lit_robust.attacks import functional as AF
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
+from lit_robust.objectives import trades_objective
 
 
 class CleanAdversarialKL(AdversarialModule):
@@ -17,9 +17,12 @@ class CleanAdversarialKL(AdversarialModule):
     (eps 0.031, step 0.007, K = 10) as defaults, and an outer loss computed from the clean and
     the adversarial logits, two separate train-mode forwards as in both official codes.
 
-    A subclass gives ``training_attack()`` (built once, after the shared arguments are set)
-    and ``loss_from_logits(clean_logits, adv_logits, y)``; nothing is detached between them.
+    A subclass gives ``training_attack()`` (built once, after the shared arguments are set) and
+    ``objective``, its :mod:`lit_robust.objectives` function (``trades_objective``, ``mart_objective``),
+    which the outer loss calls; nothing is detached between the two forwards.
     """
+
+    objective: Callable[..., TrainingOutput]
 
     def __init__(
         self, model: nn.Module, beta: float = 6.0, eps: float = 0.031, steps: int = 10, step_size: float = 0.007,
@@ -35,14 +38,8 @@ class CleanAdversarialKL(AdversarialModule):
         """The inner maximizer ``perturb`` runs (``self.attack``)."""
         raise NotImplementedError
 
-    def loss_from_logits(self, clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Tensor:
-        """The outer loss given ``f(x)`` and ``f(x_adv)``."""
-        raise NotImplementedError
-
     def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
-        clean_logits = self.model(x)
-        adv_logits = self.model(x_adv)
-        return TrainingOutput(self.loss_from_logits(clean_logits, adv_logits, y), adv_logits, clean_logits)
+        return type(self).objective(self.model, x, x_adv, y, self.beta, self.label_smoothing)
 
 
 class TRADES(CleanAdversarialKL):
@@ -97,9 +94,7 @@ class TRADES(CleanAdversarialKL):
     def training_attack(self) -> PGD:
         return TradesKLAttack(self.eps, self.steps, self.step_size, self.norm, bn_mode=self.attack_bn_mode)
 
-    def loss_from_logits(self, clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Tensor:
-        kl = AF.kl_loss(adv_logits, clean_logits).mean()  # batchmean; the clean side keeps its graph
-        return self.cross_entropy(clean_logits, y) + self.beta * kl
+    objective = staticmethod(trades_objective)  # CE(f(x), y) + beta * batchmean KL; the clean side keeps its graph
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """SGD(lr=0.1, momentum=0.9, weight_decay=2e-4), the official ``train_trades_cifar10.py``."""

@@ -27,9 +27,16 @@ import lightning.pytorch as L
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from foreign_module import DictDigits, ForeignClassifier
+from lit_robust.attacks import PGD
+from lit_robust.callbacks import AdversarialTraining
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
 from lit_robust.models import CNN3, DIGITS_MEAN, DIGITS_STD, SmallCNN
+
+#: a module that is not ours, plain and through the AdversarialTraining callback (PGD with FOSC stopping, so
+#: ranks stop examples at different steps)
+FOREIGN = ("Foreign", "Foreign+AdversarialTraining")
 
 ALLREDUCES = [0]
 
@@ -53,6 +60,8 @@ class OptimizerSteps(L.Callback):
 
 
 def make(name: str) -> L.LightningModule:
+    if name in FOREIGN:
+        return ForeignClassifier(width=4)
     if name == "PGDAT+awp":
         return DEFENSES["PGDAT"](SmallCNN(width=4), eps=0.2, steps=2, step_size=0.1, val_attack_steps=1, awp_gamma=0.01)
     if name in ("CertifiedTraining", "GaussianLossSmoothing"):
@@ -67,15 +76,19 @@ def make(name: str) -> L.LightningModule:
 def main(out_dir: Path, gpus: bool) -> None:
     torch.set_num_threads(1)
     results, rank = {}, 0
-    for name in [*DEFENSES, "PGDAT+awp", *CERTIFIED_DEFENSES]:
+    for name in [*DEFENSES, "PGDAT+awp", *CERTIFIED_DEFENSES, *FOREIGN]:
         L.seed_everything(0)
         module, steps = make(name), OptimizerSteps()
+        callbacks = [steps]
+        if name == "Foreign+AdversarialTraining":
+            callbacks.append(AdversarialTraining(PGD(0.2, 3, 0.1, fosc_threshold=0.05), inputs="image", targets="label"))
+        data = DictDigits(batch_size=16) if name in FOREIGN else DigitsDataModule(batch_size=16, eval_batch_size=16)
         ALLREDUCES[0] = 0
         trainer = L.Trainer(accelerator="gpu" if gpus else "cpu", devices=2, sync_batchnorm=gpus,
                             strategy="ddp", max_steps=3, limit_val_batches=1, num_sanity_val_steps=0,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[steps])
-        trainer.fit(module, datamodule=DigitsDataModule(batch_size=16, eval_batch_size=16))
+                            enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(module, datamodule=data)
         rank = trainer.global_rank
         params = torch.cat([p.detach().flatten() for p in module.parameters()])
         results[name] = {"allreduces": ALLREDUCES[0], "optimizer_steps": steps.count,

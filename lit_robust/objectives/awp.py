@@ -56,8 +56,14 @@ class WeightPerturbation:
     ``apply(model, loss_fn)`` computes the gradient of ``loss_fn()`` with respect to the
     perturbable weights (``torch.autograd.grad``: parameter ``.grad`` is left alone), adds
     ``v_l = gamma * ||w_l|| * g_l / ||g_l||`` to each, and keeps a copy of the weights it changed;
-    ``restore()`` copies them back (bit-exact, unlike subtracting ``v``). Both clear the autocast weight cache, which would otherwise keep serving
-    casts of the old weights.
+    ``restore()`` copies them back (bit-exact, unlike subtracting ``v``). Both clear the autocast
+    weight cache, which would otherwise keep serving casts of the old weights.
+
+    In your own ``training_step`` (what ``awp_gamma`` does in the defenses)::
+
+        self.awp.apply(self.net, lambda: trades_loss(self.net, x, x_adv, y))  # before the loss
+        return trades_loss(self.net, x, x_adv, y)
+        # and in on_after_backward: self.awp.restore()
     """
 
     def __init__(self, gamma: float) -> None:

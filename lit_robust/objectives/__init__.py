@@ -1,0 +1,217 @@
+"""Each defense's outer loss as a function of the model and the clean and adversarial batches.
+
+One implementation, two doors: the defenses call these same functions, so ``trades_loss(model, x,
+x_adv, y, beta=6)`` in your own ``training_step`` is exactly what :class:`~lit_robust.defenses.TRADES`
+minimises (tested bit for bit). torchmetrics' pattern: a function (``trades_loss``), an ``..._objective``
+twin that also returns the logits it computed (a :class:`TrainingOutput`, for your accuracy metrics),
+a ``..._from_logits`` form where the loss needs no forward of its own, and a module with the
+hyperparameters bound (``TradesLoss(beta=6)(model, x, x_adv, y)``).
+
+The adversarial batch comes from an attack (:mod:`lit_robust.attacks`): ``PGD`` for PGD-AT, MART
+and Interpolated AT, ``TradesKLAttack`` for TRADES. Run the model as your training step does (train
+mode): these functions do not change modes. Adversarial weight perturbation is
+:class:`WeightPerturbation` (``apply`` before the loss, ``restore`` after the backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Beta
+
+from lit_robust.attacks import functional as AF
+from lit_robust.objectives.awp import WeightPerturbation
+
+__all__ = ["InterpolatedATLoss", "MARTLoss", "PGDATLoss", "TradesLoss", "TrainingOutput", "WeightPerturbation",
+           "gaussian_augmentation_objective", "interpolated_at_loss", "interpolated_at_objective", "mart_loss",
+           "mart_loss_from_logits", "mart_objective", "mixup_cross_entropy", "pgd_at_loss", "pgd_at_objective",
+           "sample_mix", "trades_loss", "trades_loss_from_logits", "trades_objective"]
+
+
+@dataclass
+class TrainingOutput:
+    """A loss to minimise and the logits it saw (for accuracy metrics)."""
+
+    loss: Tensor
+    adv_logits: Optional[Tensor] = None  #: logits on the adversarial batch (``train/adv_acc``)
+    clean_logits: Optional[Tensor] = None  #: logits on the clean batch, when the loss computed them
+
+
+# --- PGD-AT (Madry et al., ICLR 2018) ---------------------------------------------------------------
+
+def pgd_at_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor,
+                     label_smoothing: float = 0.0) -> TrainingOutput:
+    """``CE(f(x_adv), y)``: the clean batch is not used (one forward)."""
+    logits = model(x_adv)
+    return TrainingOutput(F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits)
+
+
+def pgd_at_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return pgd_at_objective(model, x, x_adv, y, label_smoothing).loss
+
+
+def _clean_then_adversarial(loss_from_logits: Callable[..., Tensor], model: nn.Module, x: Tensor, x_adv: Tensor,
+                            y: Tensor, *hyperparameters: Any) -> TrainingOutput:
+    """Two train-mode forwards, ``f(x)`` then ``f(x_adv)`` (the order the official codes use: it decides the
+    BatchNorm running statistics), and the loss of the two logits; nothing is detached."""
+    clean_logits = model(x)
+    adv_logits = model(x_adv)
+    return TrainingOutput(loss_from_logits(clean_logits, adv_logits, y, *hyperparameters), adv_logits, clean_logits)
+
+
+# --- TRADES (Zhang et al., ICML 2019) ----------------------------------------------------------------
+
+def trades_loss_from_logits(clean_logits: Tensor, adv_logits: Tensor, y: Tensor, beta: float = 6.0,
+                            label_smoothing: float = 0.0) -> Tensor:
+    """``CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv))`` (batch mean); the clean side keeps its
+    graph, as in the official ``trades_loss`` (detaching it changes the method)."""
+    kl = AF.kl_loss(adv_logits, clean_logits).mean()
+    return F.cross_entropy(clean_logits, y, label_smoothing=label_smoothing) + beta * kl
+
+
+def trades_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
+                     label_smoothing: float = 0.0) -> TrainingOutput:
+    """:func:`trades_loss_from_logits` on ``f(x)`` then ``f(x_adv)``."""
+    return _clean_then_adversarial(trades_loss_from_logits, model, x, x_adv, y, beta, label_smoothing)
+
+
+def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
+                label_smoothing: float = 0.0) -> Tensor:
+    return trades_objective(model, x, x_adv, y, beta, label_smoothing).loss
+
+
+# --- MART (Wang et al., ICLR 2020) -------------------------------------------------------------------
+
+def mart_loss_from_logits(clean_logits: Tensor, adv_logits: Tensor, y: Tensor, beta: float = 6.0,
+                          label_smoothing: float = 0.0) -> Tensor:
+    """``BCE(f(x_adv), y) + beta * mean(KL(p(x) || p(x_adv)) * (1 - p_y(x)))``, as the official ``mart_loss``.
+
+    ``BCE = CE(f(x_adv), y) - mean log(1.0001 - p'_{y'})`` with ``y'`` the most likely wrong class.
+    """
+    p_adv = F.softmax(AF.upcast(adv_logits), dim=1)
+    p_clean = F.softmax(AF.upcast(clean_logits), dim=1)
+    is_true = F.one_hot(y, p_adv.shape[1]).bool()
+    p_adv_wrong = p_adv.masked_fill(is_true, -1.0).amax(1)  # p'[y'] with y' the most likely wrong class
+    ce = F.cross_entropy(adv_logits, y, label_smoothing=label_smoothing)
+    bce = ce - torch.log(1.0001 - p_adv_wrong + 1e-12).mean()
+    p_clean_true = p_clean.gather(1, y[:, None]).squeeze(1)
+    weighted_kl = (AF.kl_loss(adv_logits, clean_logits) * (1.0000001 - p_clean_true)).mean()
+    return bce + beta * weighted_kl
+
+
+def mart_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
+                   label_smoothing: float = 0.0) -> TrainingOutput:
+    """:func:`mart_loss_from_logits` on ``f(x)`` then ``f(x_adv)``."""
+    return _clean_then_adversarial(mart_loss_from_logits, model, x, x_adv, y, beta, label_smoothing)
+
+
+def mart_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
+              label_smoothing: float = 0.0) -> Tensor:
+    return mart_objective(model, x, x_adv, y, beta, label_smoothing).loss
+
+
+# --- Interpolated AT (Lamb et al., AISec 2019) ------------------------------------------------------------
+
+def sample_mix(batch_size: int, device: torch.device, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``lam ~ Beta(alpha, alpha)`` (a 0-d tensor on ``device``) and a random permutation of the batch, drawn
+    from torch's generator there (no host sync)."""
+    concentration = torch.full((), float(alpha), device=device)
+    lam = Beta(concentration, concentration, validate_args=False).sample()
+    return lam, torch.randperm(batch_size, device=device)
+
+
+def mixup_cross_entropy(model: nn.Module, x: Tensor, y: Tensor, lam: Tensor, perm: Tensor,
+                        label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Input mixup of one branch: ``lam CE(f(x_mix), y) + (1 - lam) CE(f(x_mix), y[perm])`` with
+    ``x_mix = lam x + (1 - lam) x[perm]``, and the logits with row ``i`` moved to the mixed example whose
+    heavier label is ``y[i]`` (detached, for accuracy)."""
+    logits = model(lam * x + (1 - lam) * x[perm])
+    loss = (lam * F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            + (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=label_smoothing))
+    by_heavier_label = torch.where(lam >= 0.5, logits, logits[torch.argsort(perm)])
+    return loss, by_heavier_label.detach()
+
+
+def interpolated_at_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, alpha: float = 1.0,
+                              label_smoothing: float = 0.0,
+                              mix: Optional[Callable[[int, torch.device], tuple[Tensor, Tensor]]] = None
+                              ) -> TrainingOutput:
+    """The mean of the clean and the adversarial branch's :func:`mixup_cross_entropy`, each with its own draw
+    (``mix(batch_size, device)``, default :func:`sample_mix` with ``alpha``; the clean branch's first)."""
+    mix = mix or (lambda batch_size, device: sample_mix(batch_size, device, alpha))
+    clean_loss, clean_logits = mixup_cross_entropy(model, x, y, *mix(x.shape[0], x.device), label_smoothing)
+    adv_loss, adv_logits = mixup_cross_entropy(model, x_adv, y, *mix(x_adv.shape[0], x_adv.device), label_smoothing)
+    return TrainingOutput((clean_loss + adv_loss) / 2, adv_logits, clean_logits)
+
+
+def interpolated_at_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, alpha: float = 1.0,
+                         label_smoothing: float = 0.0) -> Tensor:
+    return interpolated_at_objective(model, x, x_adv, y, alpha, label_smoothing).loss
+
+
+# --- randomized smoothing (Cohen et al., ICML 2019) -------------------------------------------------------
+
+def gaussian_augmentation_objective(model: nn.Module, x: Tensor, y: Tensor, sigma: float,
+                                    label_smoothing: float = 0.0) -> TrainingOutput:
+    """``CE(f(x + sigma N(0, I)), y)``, the noise not clipped (Cohen et al.); the logits on the noisy batch are
+    returned as ``clean_logits``. SmoothMix's loss is :meth:`lit_robust.defenses.SmoothMix.smoothmix_loss`."""
+    logits = model(x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype))
+    return TrainingOutput(F.cross_entropy(logits, y, label_smoothing=label_smoothing), clean_logits=logits)
+
+
+# --- the class pattern ---------------------------------------------------------------------------------
+
+class _Objective(nn.Module):
+    """A loss of ``(model, x, x_adv, y)`` with its hyperparameters bound (holds no parameters)."""
+
+    function: Callable[..., Tensor]
+
+    def __init__(self, **hyperparameters: Any) -> None:
+        super().__init__()
+        self.hyperparameters = hyperparameters
+
+    def forward(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        return type(self).function(model, x, x_adv, y, **self.hyperparameters)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
+
+
+class PGDATLoss(_Objective):
+    """:func:`pgd_at_loss`."""
+
+    function = staticmethod(pgd_at_loss)
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing=label_smoothing)
+
+
+class TradesLoss(_Objective):
+    """:func:`trades_loss`."""
+
+    function = staticmethod(trades_loss)
+
+    def __init__(self, beta: float = 6.0, label_smoothing: float = 0.0) -> None:
+        super().__init__(beta=beta, label_smoothing=label_smoothing)
+
+
+class MARTLoss(_Objective):
+    """:func:`mart_loss`."""
+
+    function = staticmethod(mart_loss)
+
+    def __init__(self, beta: float = 6.0, label_smoothing: float = 0.0) -> None:
+        super().__init__(beta=beta, label_smoothing=label_smoothing)
+
+
+class InterpolatedATLoss(_Objective):
+    """:func:`interpolated_at_loss`."""
+
+    function = staticmethod(interpolated_at_loss)
+
+    def __init__(self, alpha: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__(alpha=alpha, label_smoothing=label_smoothing)
