@@ -6,16 +6,14 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_robust.attacks.functional import upcast
-from lit_robust.attacks.smoothed import log_mean_softmax, project_l2, smoothmix_attack
+from lit_robust.attacks.smoothed import project_l2, smoothmix_attack
 from lit_robust.certify.randomized_smoothing import ABSTAIN, Smooth
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total, positive_int
 from lit_robust.defenses.trades import piecewise_by_epochs
-from lit_robust.objectives import gaussian_augmentation_objective
+from lit_robust.objectives import gaussian_augmentation_objective, smoothmix_objective
 
 EVAL_SEED = 1234  #: noise of validation / test batch ``i`` comes from a generator seeded with ``EVAL_SEED + i``
 _TEST_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -280,22 +278,5 @@ class SmoothMix(SmoothedClassifierModule):
 
     def smoothmix_loss(self, x_init: Tensor, x_adv: Tensor, y: Tensor, noises: Tensor, lam: Tensor,
                        weight: float) -> TrainingOutput:
-        """``L_CE + eta * weight * L_mix`` given the attack's endpoints, the noises ``[m, B, ...]`` and lambda ``[B]``.
-
-        Runs the model as it is (train mode during fit). ``clean_logits`` of the result is
-        ``log p_clean`` ``[B, K]``.
-        """
-        m, b = noises.shape[:2]
-        clean_logits = self.model((x_init + noises).flatten(0, 1))
-        ce = self.cross_entropy(clean_logits, y.repeat(m))
-        log_p_clean = log_mean_softmax(clean_logits.view(m, b, -1))
-        k = log_p_clean.shape[1]
-        lam_x = lam.view(-1, *([1] * (x_init.dim() - 1)))
-        x_mix = (1 - lam_x) * x_init + lam_x * x_adv
-        y_mix = (1 - lam[:, None]) * log_p_clean.exp() + lam[:, None] / k
-        log_q = F.log_softmax(upcast(self.model((x_mix + noises).flatten(0, 1))), dim=1).view(m, b, k)
-        # KL(y_mix || q) = sum y (log y - log q); the clamp keeps log y finite where y underflows to 0.
-        kl = (y_mix * (y_mix.clamp_min(1e-30).log() - log_q)).sum(-1)
-        correct = log_p_clean.argmax(1) == y
-        mix = (kl * correct).mean()
-        return TrainingOutput(ce + self.eta * weight * mix, clean_logits=log_p_clean)
+        """:func:`lit_robust.objectives.smoothmix_objective` with this module's ``eta`` and label smoothing."""
+        return smoothmix_objective(self.model, x_init, x_adv, y, noises, lam, self.eta, weight, self.label_smoothing)

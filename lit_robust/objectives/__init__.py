@@ -8,7 +8,7 @@ a ``..._from_logits`` form where the loss needs no forward of its own, and a mod
 hyperparameters bound (``TradesLoss(beta=6)(model, x, x_adv, y)``).
 
 The adversarial batch comes from an attack (:mod:`lit_robust.attacks`): ``PGD`` for PGD-AT, MART
-and Interpolated AT, ``TradesKLAttack`` for TRADES. Run the model as your training step does (train
+and Interpolated AT, ``TradesKLAttack`` for TRADES, ``smoothmix_attack`` for SmoothMix. Run the model as your training step does (train
 mode): these functions do not change modes. Adversarial weight perturbation is
 :class:`WeightPerturbation` (``apply`` before the loss, ``restore`` after the backward).
 """
@@ -24,12 +24,13 @@ from torch import Tensor, nn
 from torch.distributions import Beta
 
 from lit_robust.attacks import functional as AF
+from lit_robust.attacks.smoothed import log_mean_softmax
 from lit_robust.objectives.awp import WeightPerturbation
 
 __all__ = ["InterpolatedATLoss", "MARTLoss", "PGDATLoss", "TradesLoss", "TrainingOutput", "WeightPerturbation",
            "gaussian_augmentation_objective", "interpolated_at_loss", "interpolated_at_objective", "mart_loss",
            "mart_loss_from_logits", "mart_objective", "mixup_cross_entropy", "pgd_at_loss", "pgd_at_objective",
-           "sample_mix", "trades_loss", "trades_loss_from_logits", "trades_objective"]
+           "sample_mix", "smoothmix_objective", "trades_loss", "trades_loss_from_logits", "trades_objective"]
 
 
 @dataclass
@@ -158,9 +159,35 @@ def interpolated_at_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, 
 def gaussian_augmentation_objective(model: nn.Module, x: Tensor, y: Tensor, sigma: float,
                                     label_smoothing: float = 0.0) -> TrainingOutput:
     """``CE(f(x + sigma N(0, I)), y)``, the noise not clipped (Cohen et al.); the logits on the noisy batch are
-    returned as ``clean_logits``. SmoothMix's loss is :meth:`lit_robust.defenses.SmoothMix.smoothmix_loss`."""
+    returned as ``clean_logits``."""
     logits = model(x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype))
     return TrainingOutput(F.cross_entropy(logits, y, label_smoothing=label_smoothing), clean_logits=logits)
+
+
+def smoothmix_objective(model: nn.Module, x_init: Tensor, x_adv: Tensor, y: Tensor, noises: Tensor, lam: Tensor,
+                        eta: float = 5.0, weight: float = 1.0, label_smoothing: float = 0.0) -> TrainingOutput:
+    """SmoothMix (Jeong et al., NeurIPS 2021): ``L_CE + eta * weight * L_mix`` given the adversary's endpoints
+    (:func:`lit_robust.attacks.smoothmix_attack`), the noises ``[m, B, ...]`` and the mixing weights ``lam [B]``.
+
+    ``L_CE`` is the CE of the m*B noisy copies of ``x_init``; ``L_mix`` the KL from the mixed target
+    ``(1 - lam) p_clean + lam * uniform`` to the prediction at ``(1 - lam) x_init + lam x_adv`` (plus the same
+    noises), over the examples the smoothed classifier gets right. ``clean_logits`` of the result is
+    ``log p_clean`` ``[B, K]``.
+    """
+    m, b = noises.shape[:2]
+    clean_logits = model((x_init + noises).flatten(0, 1))
+    ce = F.cross_entropy(clean_logits, y.repeat(m), label_smoothing=label_smoothing)
+    log_p_clean = log_mean_softmax(clean_logits.view(m, b, -1))
+    k = log_p_clean.shape[1]
+    lam_x = lam.view(-1, *([1] * (x_init.dim() - 1)))
+    x_mix = (1 - lam_x) * x_init + lam_x * x_adv
+    y_mix = (1 - lam[:, None]) * log_p_clean.exp() + lam[:, None] / k
+    log_q = F.log_softmax(AF.upcast(model((x_mix + noises).flatten(0, 1))), dim=1).view(m, b, k)
+    # KL(y_mix || q) = sum y (log y - log q); the clamp keeps log y finite where y underflows to 0.
+    kl = (y_mix * (y_mix.clamp_min(1e-30).log() - log_q)).sum(-1)
+    correct = log_p_clean.argmax(1) == y
+    mix = (kl * correct).mean()
+    return TrainingOutput(ce + eta * weight * mix, clean_logits=log_p_clean)
 
 
 # --- the class pattern ---------------------------------------------------------------------------------
