@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lit_robust.attacks import PGD
 from lit_robust.batches import module_batch
+from lit_robust.targets import class_labels
 
 METRIC = "train/co_check_acc"
 
@@ -108,7 +109,7 @@ class CatastrophicOverfittingMonitor(Callback):
 
     def check_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule, x: Tensor, y: Tensor) -> float:
         """PGD accuracy of ``pl_module.model`` on ``(x, y)``, pooled over DDP ranks (the same value on every rank)."""
-        correct = self.attack(pl_module).run(pl_module.model, x, y).predictions == y
+        correct = self.attack(pl_module).run(pl_module.model, x, y).predictions == class_labels(y)
         counts = torch.stack([correct.sum(), torch.tensor(correct.numel(), device=correct.device)]).float()
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return float(counts[0] / counts[1])  # the one host sync of the epoch

@@ -21,6 +21,7 @@ from lit_robust.batches import BatchKey, check_batch_key, split_batch
 from lit_robust.callbacks.adversarial_training import classifier_of
 from lit_robust.checks import check_batch, check_eps, inputs_checked
 from lit_robust.evaluation.tiers import TIERS, attack_batch
+from lit_robust.targets import require_class_labels
 
 #: per-example correctness key (``lit_robust.evaluation.tiers``) -> logged name at test
 TEST_NAMES = {"pgd": "test/robust_acc", "apgd-ce": "test/apgd_ce_acc", "apgd-t": "test/apgd_t_acc",
@@ -119,6 +120,7 @@ class RobustEvaluation(L.Callback):
 
     def _read(self, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor, Any]:
         x, y = split_batch(batch, self.inputs, self.targets)
+        require_class_labels(y, "RobustEvaluation (accuracy against one class)")
         model = classifier_of(pl_module, self.model)
         if batch_idx == 0:
             check_eps(self.eps, self.norm, x)

@@ -15,7 +15,7 @@ Two ways to serve them, same API:
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lit_robust.datamodules.base import SplitDataModule
+from lit_robust.datamodules.mixing import cutmix
 
 
 def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -155,6 +156,11 @@ class ImageDataModule(SplitDataModule):
             horizontal flip when ``flip``); validation and test images are never augmented.
         on_device: keep each split on the accelerator (``trainer.strategy.root_device``) and
             serve index slices, augmented there; ``num_workers`` is then unused.
+        cutmix: CutMix every training batch on the accelerator after the transfer
+            (:func:`~lit_robust.datamodules.mixing.cutmix`, alpha = beta = 1 as Rebuffi et al. 2021): the
+            targets become probability rows ``[B, num_classes]``. Rebuffi et al. find it helps robustness
+            only together with weight averaging (:class:`~lit_robust.callbacks.EMA`); with TRADES, DeepMind
+            attacks away from the mixed labels (``TRADES(attack_reference="targets")``).
     """
 
     num_classes: int
@@ -165,13 +171,13 @@ class ImageDataModule(SplitDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  eval_batch_size: Optional[int] = None, num_workers: int = 4, val_size: int = 1000, seed: int = 0,
-                 augment: bool = True, on_device: bool = False) -> None:
+                 augment: bool = True, on_device: bool = False, cutmix: bool = False) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.data_dir, self.download_files, self.val_size, self.seed = data_dir, download, val_size, seed
-        self.augment, self.on_device = augment, on_device
+        self.augment, self.on_device, self.cutmix = augment, on_device, cutmix
         self.arrays: dict[str, tuple[Tensor, Tensor]] = {}
 
     # --- what a dataset implements ---------------------------------------------------------
@@ -224,6 +230,13 @@ class ImageDataModule(SplitDataModule):
         return DeviceBatches(images, labels, size, shuffle=train, seed=self.seed,
                              augment=self._augmentation() if train else None, rank=rank, world_size=world,
                              epoch_fn=self._epoch, max_value=self.max_value)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """CutMix of the training batches (``cutmix``), on their device; other batches pass unchanged."""
+        if not (self.cutmix and self.trainer is not None and self.trainer.training):
+            return batch
+        x, y, *rest = batch
+        return (*cutmix(x, y, num_classes=self.num_classes), *rest)
 
     def _epoch(self) -> int:
         return 0 if self.trainer is None else self.trainer.current_epoch

@@ -73,16 +73,24 @@ def check_input_types(x: Tensor, y: Optional[Tensor] = None) -> None:
         return
     if not isinstance(y, Tensor):
         raise ValueError(f"labels must be a Tensor of class indices [B], got {type(y).__name__}")
+    if y.dim() == 2 and y.is_floating_point():  # probability rows (lit_robust.targets)
+        if y.shape[0] != x.shape[0] or y.shape[1] < 2:
+            raise ValueError(f"probability-row targets must be [B, num_classes] = [{x.shape[0]}, C >= 2], got "
+                             f"{tuple(y.shape)}")
+        return
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices (int64) of shape [B], got dtype {y.dtype}; "
-                         "convert with y.long() (one-hot or soft labels are not targets here)")
+        raise ValueError(f"labels must be integer class indices (int64) of shape [B] or float probability rows "
+                         f"[B, num_classes], got dtype {y.dtype} and shape {tuple(y.shape)}; convert class indices "
+                         "with y.long()")
     if y.shape != (x.shape[0],):
-        raise ValueError(f"labels must be one class index per image, shape ({x.shape[0]},), got {tuple(y.shape)}")
+        raise ValueError(f"labels must be one class index per image, shape ({x.shape[0]},), or probability rows "
+                         f"[{x.shape[0]}, num_classes], got {tuple(y.shape)}")
 
 
 def check_inputs(x: Tensor, y: Optional[Tensor] = None, logits: Optional[Tensor] = None) -> None:
-    """Checks images ``x`` (finite, in [0, 1]), labels ``y`` (in ``[0, num_classes)``) and the model's ``logits`` on
-    ``x`` (a [B, num_classes] tensor, not probabilities), with one host synchronisation."""
+    """Checks images ``x`` (finite, in [0, 1]), labels ``y`` (in ``[0, num_classes)``; or probability rows: finite,
+    >= 0, each summing to 1, one column per class) and the model's ``logits`` on ``x`` (a [B, num_classes] tensor,
+    not probabilities), with one host synchronisation."""
     check_input_types(x, y)
     if logits is not None:
         _check_logits_type(logits, x)
@@ -90,8 +98,14 @@ def check_inputs(x: Tensor, y: Optional[Tensor] = None, logits: Optional[Tensor]
     finite = torch.isfinite(x)
     values = [(~finite).flatten(1).any(1).sum(), (~finite).sum(), torch.where(finite, x, 0.5).amin(),
               torch.where(finite, x, 0.5).amax()]
-    if y is not None:
-        values += [y.min(), y.max()] if y.numel() else [torch.zeros(()), torch.zeros(())]
+    rows = y is not None and y.dim() == 2
+    if y is not None and not y.numel():
+        values += [torch.zeros(()), torch.zeros(())]
+    elif rows:  # the smallest entry (NaN counts as negative) and the largest distance of a row sum from 1
+        y64 = y.detach().double()
+        values += [torch.nan_to_num(y64, nan=-1.0).amin(), (y64.sum(1) - 1).abs().amax()]
+    elif y is not None:
+        values += [y.min(), y.max()]
     if logits is not None:
         z = logits.detach().float()
         values.append(((z >= 0).all() & (z <= 1).all() & ((z.sum(1) - 1).abs() < 1e-3).all()))
@@ -103,10 +117,12 @@ def check_inputs(x: Tensor, y: Optional[Tensor] = None, logits: Optional[Tensor]
     if lo < 0 or hi > 1:
         raise ValueError(f"inputs must be images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; normalise inside the "
                          "model (lit_robust.models.Normalize), not in the data pipeline")
-    if y is not None and logits is not None and (stats[4] < 0 or stats[5] >= logits.shape[1]):
+    if rows:
+        _check_rows(y, stats[4], stats[5], logits)
+    elif y is not None and logits is not None and (stats[4] < 0 or stats[5] >= logits.shape[1]):
         raise ValueError(f"labels must be class indices in [0, {logits.shape[1]}) for a model with "
                          f"{logits.shape[1]} outputs, got labels in [{int(stats[4])}, {int(stats[5])}]")
-    if y is not None and stats[4] < 0:
+    if y is not None and not rows and stats[4] < 0:
         raise ValueError(f"labels must be class indices >= 0, got a label {int(stats[4])}")
     if logits is not None and stats[-1]:
         raise ValueError("the model returns probabilities (each row in [0, 1], summing to 1): it must return "
@@ -122,6 +138,16 @@ def check_batch(model: nn.Module, x: Tensor, y: Tensor) -> None:
     with torch.no_grad(), module_mode(model, "eval"):
         logits = model(x)
     check_inputs(x, y, logits)
+
+
+def _check_rows(y: Tensor, smallest: float, off_by: float, logits: Optional[Tensor]) -> None:
+    if not smallest >= 0:
+        raise ValueError(f"probability-row targets must be finite and >= 0, got an entry {smallest:.4g}")
+    if off_by > 1e-3:
+        raise ValueError(f"probability-row targets must each sum to 1, got a row summing to 1 +- {off_by:.4g}")
+    if logits is not None and y.shape[1] != logits.shape[1]:
+        raise ValueError(f"probability-row targets have {y.shape[1]} columns for a model with {logits.shape[1]} "
+                         "outputs: one column per class")
 
 
 def _check_logits_type(logits: object, x: Tensor) -> None:

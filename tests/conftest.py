@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models and [0, 1] batches so every test runs in seconds on 2 CPU cores."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,8 @@ from lit_robust.models import SmallCNN
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    # TORCH_TEST_THREADS=1 when two test processes share the 2 cores (two 2-thread torch processes spin-wait)
+    torch.set_num_threads(int(os.environ.get("TORCH_TEST_THREADS", "2")))
 
 
 @pytest.fixture(autouse=True)

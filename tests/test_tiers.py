@@ -243,8 +243,10 @@ def test_bad_inputs_are_refused():
         attack_batch(Decoder(), x + 2, y, 0.1)
     with pytest.raises(ValueError, match="model.*fp32"):
         attack_batch(tiny_mlp().to(torch.bfloat16), torch.zeros(2, 1, 4, 4), y, 0.1)
-    with pytest.raises(ValueError, match=r"one class index per image, shape \(2,\), got \(1,\)"):
+    with pytest.raises(ValueError, match=r"one class index per image, shape \(2,\), or probability rows .* got \(1,\)"):
         attack_batch(Decoder(), x, y[:1], 0.1)
+    with pytest.raises(ValueError, match="robustness evaluation needs class labels"):
+        attack_batch(Decoder(), x, torch.full((2, 4), 0.25), 0.1)
     with pytest.raises(ValueError, match="a batch must be a tuple or list"):
         evaluate_robustness(Decoder(), [x, x, x], eps=0.1, tiers="pgd")
     with pytest.raises(ValueError, match="no examples"):

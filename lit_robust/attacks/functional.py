@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_robust.targets import require_class_labels
+
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
 _TINY = 1e-12
@@ -101,7 +103,9 @@ def fosc(x_adv: Tensor, x: Tensor, grad: Tensor, eps: float, norm: str = "linf")
 
 
 def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Carlini-Wagner margin, per example: max_{j != y} z_j - z_y (positive once misclassified)."""
+    """Carlini-Wagner margin, per example: max_{j != y} z_j - z_y (positive once misclassified); needs class
+    labels (probability rows have no single true class to take the margin from)."""
+    require_class_labels(y, "the margin and DLR losses")
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
     return other - true
@@ -136,9 +140,20 @@ def kl_loss(logits: Tensor, clean_logits: Tensor) -> Tensor:
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(1)
 
 
+def distribution_kl(logits: Tensor, targets: Tensor) -> Tensor:
+    """``KL(t || softmax(logits))`` per example [B] for a fixed target distribution ``t``: probability rows
+    [B, K] (zeros allowed: ``0 log 0 = 0``), or class indices [B] taken as one-hot rows (the KL is then the
+    cross-entropy). Its input gradient is that of the cross-entropy against ``t``."""
+    log_q = F.log_softmax(upcast(logits), dim=1)
+    if targets.dim() == 1:
+        return -log_q.gather(1, targets[:, None]).squeeze(1)
+    p = upcast(targets)
+    return (torch.xlogy(p, p) - p * log_q).sum(1)
+
+
 def per_example_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The attack objective by name: logits, labels -> per-example loss [B] to maximise."""
-    if name == "ce":
+    if name == "ce":  # labels or probability rows (then the expected CE under each row)
         return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
     if name == "margin":
         return margin_loss

@@ -8,11 +8,13 @@ from typing import Iterator, Literal, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lit_robust.attacks import functional as AF
 from lit_robust.checks import check_attack_inputs
+from lit_robust.targets import class_labels
 
-BN_MODES = ("eval", "train")
+BN_MODES = ("eval", "train", "batch")
 FOSC_REFERENCES = ("clean", "start")
 
 
@@ -45,21 +47,30 @@ class AttackResult:
 
 @contextmanager
 def module_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
-    """Runs the block with every submodule in eval (``"eval"``) or train (``"train"``) mode.
+    """Runs the block with every submodule in eval (``"eval"``) or train (``"train"``, ``"batch"``) mode.
 
     Each submodule's own ``training`` flag is saved and restored afterwards, so modules a
     user froze on purpose stay frozen after the attack (``model.train()`` would unfreeze them).
     ``"eval"`` uses BatchNorm running statistics and leaves them untouched; ``"train"`` uses
-    batch statistics and updates the running ones, as the Madry and locuslab codes do.
+    batch statistics and updates the running ones, as the Madry and locuslab codes do;
+    ``"batch"`` uses batch statistics and leaves the running ones (and ``num_batches_tracked``)
+    untouched, as the generated-data recipes attack: DeepMind's ``is_training=False,
+    test_local_stats=True``, DM-Improves-AT's ``track_bn_stats(model, False)``.
     """
     saved = [(m, m.training) for m in model.modules()]
+    tracking = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
     for m, _ in saved:
-        m.training = bn_mode == "train"
+        m.training = bn_mode != "eval"
+    if bn_mode == "batch":
+        for m, _ in tracking:
+            m.track_running_stats = False
     try:
         yield
     finally:
         for m, flag in saved:
             m.training = flag
+        for m, flag in tracking:
+            m.track_running_stats = flag
 
 
 class Attack:
@@ -124,7 +135,7 @@ class PGD(Attack):
         random_start: bool = True,
         restarts: int = 1,
         loss: Literal["ce", "margin", "dlr"] = "ce",
-        bn_mode: Literal["eval", "train"] = "eval",
+        bn_mode: Literal["eval", "train", "batch"] = "eval",
         fosc_threshold: Optional[float] = None,
         track_fosc: bool = False,
         start_std: Optional[float] = None,
@@ -206,7 +217,8 @@ class PGD(Attack):
                 if best is None:
                     best = result
                     continue
-                new_wrong, old_wrong = result.predictions != y, best.predictions != y
+                labels = class_labels(y)
+                new_wrong, old_wrong = result.predictions != labels, best.predictions != labels
                 better = (new_wrong & ~old_wrong) | ((new_wrong == old_wrong) & (result.loss > best.loss))
                 best = best.pick(result, better)
         return best
@@ -267,7 +279,7 @@ class FGSM(PGD):
         norm: Literal["linf", "l2"] = "linf",
         random_start: bool = False,
         loss: Literal["ce", "margin", "dlr"] = "ce",
-        bn_mode: Literal["eval", "train"] = "eval",
+        bn_mode: Literal["eval", "train", "batch"] = "eval",
         clip_start: bool = True,
     ) -> None:
         if step_size is None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import module_mode
+from lit_robust.targets import is_probability_rows
 
 
 def log_mean_softmax(logits: Tensor) -> Tensor:
@@ -43,10 +44,12 @@ def project_l2(z: Tensor, x: Tensor, radius: float) -> Tensor:
 
 
 def smoothed_nll(model: nn.Module, x: Tensor, y: Tensor, noises: Tensor) -> Tensor:
-    """Per-example ``-log((1/m) sum_i softmax(f(x + noises[i]))[y])`` ``[B]``: one forward of m*B images."""
+    """Per-example ``-log((1/m) sum_i softmax(f(x + noises[i]))[y])`` ``[B]``: one forward of m*B images
+    (probability rows ``y``: the expectation of that over each row's classes)."""
     m, b = noises.shape[:2]
     logits = model((x.unsqueeze(0) + noises).flatten(0, 1))
-    return F.nll_loss(log_mean_softmax(logits.view(m, b, -1)), y, reduction="none")
+    log_p = log_mean_softmax(logits.view(m, b, -1))
+    return -(y * log_p).sum(1) if is_probability_rows(y) else F.nll_loss(log_p, y, reduction="none")
 
 
 def smoothmix_attack(model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, steps: int, step_size: float,

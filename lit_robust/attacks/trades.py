@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import PGD
 
+REFERENCES = ("clean", "targets")
+
 
 class TradesKLAttack(PGD):
     """Ascends ``KL(softmax(f(x)) || softmax(f(x_adv)))`` per example, summed over the batch.
@@ -39,6 +41,11 @@ class TradesKLAttack(PGD):
             gradient vanish at ``x_adv = x``.
         bn_mode: module mode during the attack, ``"eval"`` (the official code) or ``"train"``.
 
+        reference: the distribution the attack moves away from: ``"clean"``, the prediction on the clean
+            batch (TRADES), or ``"targets"``, the batch's targets (DeepMind's rule with CutMix, Rebuffi et al.
+            2021: "regress the attack away from mixed labels"; ``jax/experiment.py``). Class indices are
+            taken as one-hot rows, where the KL equals the cross-entropy.
+
     ``run`` returns an :class:`~lit_robust.attacks.AttackResult` whose ``loss`` is the
     per-example KL at ``x_adv``. Cost: ``steps`` forward+backward passes plus one forward
     (the clean logits); ``run`` adds one forward to score ``x_adv``.
@@ -46,11 +53,18 @@ class TradesKLAttack(PGD):
 
     def __init__(self, eps: float, steps: int = 10, step_size: Optional[float] = None,
                  norm: Literal["linf", "l2"] = "linf", start_std: Optional[float] = 0.001,
-                 bn_mode: Literal["eval", "train"] = "eval") -> None:
+                 bn_mode: Literal["eval", "train", "batch"] = "eval",
+                 reference: Literal["clean", "targets"] = "clean") -> None:
         super().__init__(eps, steps, step_size, norm, random_start=True, bn_mode=bn_mode, start_std=start_std)
-        self.loss, self.loss_fn = "kl", AF.kl_loss
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        self.reference = reference
+        self.loss, self.loss_fn = "kl", AF.kl_loss if reference == "clean" else AF.distribution_kl
 
     def target(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """The clean logits, once per attack, without a graph (the KL's fixed first argument)."""
+        """The clean logits, once per attack, without a graph (the KL's fixed first argument); with
+        ``reference="targets"`` the batch's target distribution (class indices as one-hot rows)."""
+        if self.reference == "targets":
+            return y
         with torch.no_grad():
             return model(x)

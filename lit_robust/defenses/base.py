@@ -36,6 +36,7 @@ from lit_robust.checkpoints import check_checkpoints_read_by
 from lit_robust.checks import check_batch, check_eps, inputs_checked
 from lit_robust.objectives import TrainingOutput
 from lit_robust.objectives.awp import WeightPerturbation
+from lit_robust.targets import class_labels, require_class_labels
 from lit_robust.evaluation.tiers import attack_batch
 
 _TEST_NAMES = {"clean": "clean_acc", "pgd": "robust_acc", "apgd-ce": "apgd_ce_acc", "apgd-t": "apgd_t_acc",
@@ -72,11 +73,17 @@ class AdversarialModule(L.LightningModule):
             not the recipe's decay); for a constant learning rate pass
             ``lr_scheduler=lambda opt: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)``
             (in a config: ``class_path: torch.optim.lr_scheduler.ConstantLR`` with ``factor: 1.0``).
-            One INFO line at fit start says which schedule runs.
+            One INFO line at fit start says which schedule runs. A scheduler built with ``total_steps=None``
+            that has ``set_total_steps`` (:mod:`lit_robust.optim.schedules`) is told the training length in
+            its own units: optimizer steps (``lr_scheduler_interval="step"``) or ``max_epochs``.
         attack_bn_mode: module mode during the training attack, ``"eval"`` (running BN
-            statistics, untouched) or ``"train"`` (batch statistics, as Madry/Rice did).
+            statistics, untouched), ``"train"`` (batch statistics, running ones updated, as Madry/Rice
+            did) or ``"batch"`` (batch statistics, running ones untouched: the generated-data recipes).
         val_attack_steps, test_attack_steps: PGD iterations of the evaluation attacks (step
             ``2.5 * eps / steps``, random start, CE, eval mode).
+        val_attack_loss, val_attack_step_size: the validation PGD's loss (``"margin"``: Carlini-Wagner, as the
+            generated-data recipes select their checkpoint: DM-Improves-AT PGD-40 with step 2/255) and step
+            (default ``2.5 * eps / val_attack_steps``).
         val_fp32: validation (clean and PGD accuracy, and the certified defenses' measures) with autocast off,
             i.e. in fp32 under ``precision="bf16-mixed"``, as ``test`` runs. False: in the Trainer's precision
             (faster on GPUs, but a bf16 PGD is a slightly different attack from the fp32 one that is reported).
@@ -119,8 +126,10 @@ class AdversarialModule(L.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        attack_bn_mode: Literal["eval", "train"] = "eval",
+        attack_bn_mode: Literal["eval", "train", "batch"] = "eval",
         val_attack_steps: int = 10,
+        val_attack_loss: Literal["ce", "margin"] = "ce",
+        val_attack_step_size: Optional[float] = None,
         test_attack_steps: int = 20,
         val_fp32: bool = True,
         test_autoattack: bool = False,
@@ -164,12 +173,18 @@ class AdversarialModule(L.LightningModule):
         self._channels_last_hook = self._compiled = False
         # PGD validates eps, steps and step sizes with messages naming each argument.
         PGD(eps, steps, step_size, norm)
-        self.val_attack = PGD(eps, positive_int(val_attack_steps, "val_attack_steps"), norm=norm)
+        if val_attack_loss not in ("ce", "margin"):
+            raise ValueError(f"val_attack_loss must be 'ce' or 'margin', got {val_attack_loss!r}")
+        self.val_attack = PGD(eps, positive_int(val_attack_steps, "val_attack_steps"), val_attack_step_size, norm=norm,
+                              loss=val_attack_loss)
         self.test_attack = PGD(eps, positive_int(test_attack_steps, "test_attack_steps"), norm=norm)
         self.metrics = nn.ModuleDict({name.replace("/", "_"): _mean_metric() for name in _METRICS})
         self._first_nonfinite_step: Optional[Tensor] = None
         self.last_attack_result: Optional[AttackResult] = None  #: the training attack's, when it tracks FOSC
         self._train_means: dict[str, str] = {}  # training metrics updated this epoch: logged name -> metric key
+
+    #: why a defense needs class-index training targets (refusing probability rows), or "" when it takes both
+    class_labels_only: str = ""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -260,8 +275,16 @@ class AdversarialModule(L.LightningModule):
 
     def read_batch(self, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor]:
         """The images and labels of ``batch`` (``inputs`` / ``targets``); the first batch of an epoch or stage is
-        checked (:func:`lit_robust.checks.check_batch`, one host sync)."""
+        checked (:func:`lit_robust.checks.check_batch`, one host sync).
+
+        Training targets may be probability rows (:mod:`lit_robust.targets`) unless the defense's
+        ``class_labels_only`` names why it needs one class per example; evaluation always needs class labels.
+        """
         x, y = split_batch(batch, *self.batch_keys)
+        if not self.training:
+            require_class_labels(y, f"{type(self).__name__}'s evaluation (accuracy against one class)")
+        elif self.class_labels_only:
+            require_class_labels(y, f"{type(self).__name__} ({self.class_labels_only})")
         if batch_idx == 0:
             check_eps(self.eps, self.norm, x)
             check_batch(self.model, x, y)
@@ -344,7 +367,8 @@ class AdversarialModule(L.LightningModule):
             self._log_correct(name, value, dataloader_idx)
 
     def _log_accuracy(self, name: str, logits: Tensor, y: Tensor) -> None:
-        self._log_correct(name, logits.detach().argmax(1) == y)
+        """Accuracy against the labels, or against each probability row's most likely class."""
+        self._log_correct(name, logits.detach().argmax(1) == class_labels(y))
 
     def _log_correct(self, name: str, correct: Tensor, dataloader_idx: int = 0) -> None:
         self._log_mean(name, correct.float(), dataloader_idx)
@@ -405,9 +429,19 @@ class AdversarialModule(L.LightningModule):
                         "keeps it; pass lr_scheduler to replace it)")
         else:
             scheduler, interval = self.lr_scheduler_factory(optimizer), self.lr_scheduler_interval
+            if getattr(scheduler, "total_steps", 0) is None and hasattr(scheduler, "set_total_steps"):
+                scheduler.set_total_steps(self._schedule_length(interval))
             schedule = f"the given {type(scheduler).__name__}, stepped every {interval}"
         rank_zero_info(f"{type(self).__name__}: {type(optimizer).__name__}, learning-rate schedule {schedule}")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _schedule_length(self, interval: str) -> int:
+        """The training length in scheduler steps: optimizer steps (``interval="step"``) or epochs."""
+        if interval == "step":
+            return finite_total(self.trainer.estimated_stepping_batches)
+        if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
+            raise ValueError("an epoch-wise schedule that needs the training length needs max_epochs")
+        return int(self.trainer.max_epochs)
 
     def _default_schedule_doc(self) -> str:
         doc = (type(self).default_lr_scheduler.__doc__ or "").strip().splitlines()

@@ -72,7 +72,11 @@ class CertifiedTraining(AdversarialModule):
         ibp_init: re-initialise ``model`` with Shi et al.'s IBP initialisation on construction.
         grad_clip_norm: gradient-norm clipping unless the Trainer sets ``gradient_clip_val``; 0 disables.
         **kwargs: the shared arguments of :class:`AdversarialModule` (optimizer, lr_scheduler, val/test attacks).
+
+    Training targets must be class indices: the margin bounds are taken against one true class.
     """
+
+    class_labels_only = "its bounds certify the margin of one true class per example"
 
     def __init__(
         self,

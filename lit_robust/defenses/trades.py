@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,19 +19,22 @@ class CleanAdversarialKL(AdversarialModule):
 
     A subclass gives ``training_attack()`` (built once, after the shared arguments are set) and
     ``objective``, its :mod:`lit_robust.objectives` function (``trades_objective``, ``mart_objective``),
-    which the outer loss calls; nothing is detached between the two forwards.
+    which the outer loss calls; nothing is detached between the two forwards. ``clean_bn_update=False`` runs
+    the clean forward on batch statistics without updating BatchNorm's running ones, so only the adversarial
+    batch updates them (DeepMind's TRADES, ``jax/experiment.py``; with ``attack_bn_mode="batch"`` its attack
+    too); True (default) as the official TRADES and MART codes and DM-Improves-AT.
     """
 
     objective: Callable[..., TrainingOutput]
 
     def __init__(
         self, model: nn.Module, beta: float = 6.0, eps: float = 0.031, steps: int = 10, step_size: float = 0.007,
-        **kwargs: Any,
+        clean_bn_update: bool = True, **kwargs: Any,
     ) -> None:
         super().__init__(model, eps=eps, steps=steps, step_size=step_size, **kwargs)
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
-        self.beta = float(beta)
+        self.beta, self.clean_bn_update = float(beta), clean_bn_update
         self.attack = self.training_attack()
 
     def training_attack(self) -> PGD:
@@ -39,7 +42,8 @@ class CleanAdversarialKL(AdversarialModule):
         raise NotImplementedError
 
     def outer_loss(self, x: Tensor, x_adv: Tensor, y: Tensor) -> TrainingOutput:
-        return type(self).objective(self.model, x, x_adv, y, self.beta, self.label_smoothing)
+        return type(self).objective(self.model, x, x_adv, y, self.beta, self.label_smoothing,
+                                    clean_bn_update=self.clean_bn_update)
 
 
 class TRADES(CleanAdversarialKL):
@@ -87,14 +91,26 @@ class TRADES(CleanAdversarialKL):
     Args:
         model: maps [0, 1] images to logits.
         beta: weight of the KL (robustness) term, >= 0.
+        attack_reference: what the KL attack moves away from: ``"clean"``, the clean prediction (TRADES), or
+            ``"targets"``, the batch's target distribution, DeepMind's rule under CutMix (Rebuffi et al. 2021,
+            ``jax/experiment.py``: "regress the attack away from mixed labels"; see
+            :class:`~lit_robust.attacks.TradesKLAttack`).
+        clean_bn_update: see :class:`CleanAdversarialKL` (False: DeepMind's BatchNorm handling).
         eps, steps, step_size: the training attack (official values by default).
         **kwargs: the shared arguments of :class:`~lit_robust.defenses.AdversarialModule`.
     """
 
-    def training_attack(self) -> PGD:
-        return TradesKLAttack(self.eps, self.steps, self.step_size, self.norm, bn_mode=self.attack_bn_mode)
+    def __init__(self, model: nn.Module, attack_reference: Literal["clean", "targets"] = "clean",
+                 **kwargs: Any) -> None:
+        self.attack_reference = attack_reference
+        super().__init__(model, **kwargs)
 
     objective = staticmethod(trades_objective)  # CE(f(x), y) + beta * batchmean KL; the clean side keeps its graph
+
+    def training_attack(self) -> PGD:
+        return TradesKLAttack(self.eps, self.steps, self.step_size, self.norm, bn_mode=self.attack_bn_mode,
+                              reference=self.attack_reference)
+
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """SGD(lr=0.1, momentum=0.9, weight_decay=2e-4), the official ``train_trades_cifar10.py``."""

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import FGSM, PGD, module_mode
 from lit_robust.checks import check_inputs
+from lit_robust.targets import require_class_labels
 from lit_robust.evaluation.autoattack import _NORM_NAMES
 from lit_robust.evaluation.progress import progress_bar, show_accuracy
 from lit_robust.evaluation.tiers import forked_rng, frozen_parameters
@@ -356,6 +357,7 @@ def _reference_check(acc: dict[str, float], steps: int, apgd_steps: int, tol: fl
 def _check_arguments(x: Tensor, y: Tensor, norm: str, steps: int, restarts: int, batch_size: int) -> None:
     check_norm(norm)
     check_inputs(x, y)
+    require_class_labels(y, "the sanity checks")
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one example")
     for name, value in (("steps", steps), ("restarts", restarts), ("batch_size", batch_size)):

@@ -46,6 +46,7 @@ from lit_robust.attacks.functional import check_norm
 from lit_robust.attacks.pgd import PGD, module_mode
 from lit_robust.batches import BatchKey, check_batch_key, split_batch
 from lit_robust.checks import check_eps, check_input_types, check_inputs, inputs_checked
+from lit_robust.targets import require_class_labels
 from lit_robust.evaluation.autoattack import autoattack
 from lit_robust.evaluation.progress import progress_bar, show_accuracy
 
@@ -237,6 +238,7 @@ def _attack_batch(model, x, y, eps, norm, tiers, pgd_steps, pgd_restarts, seed, 
         raise RuntimeError("robustness evaluation needs input gradients: call it outside torch.inference_mode "
                            "(Lightning: Trainer(inference_mode=False))")
     check_input_types(x, y)
+    require_class_labels(y, "the robustness evaluation")
     check_eps(eps, norm, x)
     low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
     if low:

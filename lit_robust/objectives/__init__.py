@@ -7,14 +7,20 @@ twin that also returns the logits it computed (a :class:`TrainingOutput`, for yo
 a ``..._from_logits`` form where the loss needs no forward of its own, and a module with the
 hyperparameters bound (``TradesLoss(beta=6)(model, x, x_adv, y)``).
 
+Targets ``y`` are class indices ``[B]`` or probability rows ``[B, num_classes]`` (CutMix, per-sample label
+smoothing, generated data; :mod:`lit_robust.targets`): a cross-entropy against a row is the expectation of the
+per-class ones, and MART's class-based terms are averaged over the row the same way.
+
 The adversarial batch comes from an attack (:mod:`lit_robust.attacks`): ``PGD`` for PGD-AT, MART
-and Interpolated AT, ``TradesKLAttack`` for TRADES, ``smoothmix_attack`` for SmoothMix. Run the model as your training step does (train
-mode): these functions do not change modes. Adversarial weight perturbation is
+and Interpolated AT, ``TradesKLAttack`` for TRADES, ``smoothmix_attack`` for SmoothMix. Run the model
+as your training step does (train mode): these functions do not change modes, except the clean
+forward of ``clean_bn_update=False``. Adversarial weight perturbation is
 :class:`WeightPerturbation` (``apply`` before the loss, ``restore`` after the backward).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -24,8 +30,10 @@ from torch import Tensor, nn
 from torch.distributions import Beta
 
 from lit_robust.attacks import functional as AF
+from lit_robust.attacks.pgd import module_mode
 from lit_robust.attacks.smoothed import log_mean_softmax
 from lit_robust.objectives.awp import WeightPerturbation
+from lit_robust.targets import class_labels, is_probability_rows
 
 __all__ = ["InterpolatedATLoss", "MARTLoss", "PGDATLoss", "TradesLoss", "TrainingOutput", "WeightPerturbation",
            "gaussian_augmentation_objective", "interpolated_at_loss", "interpolated_at_objective", "mart_loss",
@@ -56,10 +64,12 @@ def pgd_at_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, label_smo
 
 
 def _clean_then_adversarial(loss_from_logits: Callable[..., Tensor], model: nn.Module, x: Tensor, x_adv: Tensor,
-                            y: Tensor, *hyperparameters: Any) -> TrainingOutput:
+                            y: Tensor, *hyperparameters: Any, clean_bn_update: bool = True) -> TrainingOutput:
     """Two train-mode forwards, ``f(x)`` then ``f(x_adv)`` (the order the official codes use: it decides the
-    BatchNorm running statistics), and the loss of the two logits; nothing is detached."""
-    clean_logits = model(x)
+    BatchNorm running statistics), and the loss of the two logits; nothing is detached. ``clean_bn_update=False``
+    runs the clean forward on batch statistics without updating the running ones (DeepMind's TRADES)."""
+    with nullcontext() if clean_bn_update else module_mode(model, "batch"):
+        clean_logits = model(x)
     adv_logits = model(x_adv)
     return TrainingOutput(loss_from_logits(clean_logits, adv_logits, y, *hyperparameters), adv_logits, clean_logits)
 
@@ -75,14 +85,17 @@ def trades_loss_from_logits(clean_logits: Tensor, adv_logits: Tensor, y: Tensor,
 
 
 def trades_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
-                     label_smoothing: float = 0.0) -> TrainingOutput:
-    """:func:`trades_loss_from_logits` on ``f(x)`` then ``f(x_adv)``."""
-    return _clean_then_adversarial(trades_loss_from_logits, model, x, x_adv, y, beta, label_smoothing)
+                     label_smoothing: float = 0.0, clean_bn_update: bool = True) -> TrainingOutput:
+    """:func:`trades_loss_from_logits` on ``f(x)`` then ``f(x_adv)``. ``clean_bn_update=False``: the clean
+    forward uses batch statistics without updating BatchNorm's running ones, so only the adversarial batch
+    updates them (DeepMind's ``_trades_loss_fn``, Gowal et al. 2020/2021, Rebuffi et al. 2021)."""
+    return _clean_then_adversarial(trades_loss_from_logits, model, x, x_adv, y, beta, label_smoothing,
+                                   clean_bn_update=clean_bn_update)
 
 
 def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
-                label_smoothing: float = 0.0) -> Tensor:
-    return trades_objective(model, x, x_adv, y, beta, label_smoothing).loss
+                label_smoothing: float = 0.0, clean_bn_update: bool = True) -> Tensor:
+    return trades_objective(model, x, x_adv, y, beta, label_smoothing, clean_bn_update).loss
 
 
 # --- MART (Wang et al., ICLR 2020) -------------------------------------------------------------------
@@ -92,22 +105,38 @@ def mart_loss_from_logits(clean_logits: Tensor, adv_logits: Tensor, y: Tensor, b
     """``BCE(f(x_adv), y) + beta * mean(KL(p(x) || p(x_adv)) * (1 - p_y(x)))``, as the official ``mart_loss``.
 
     ``BCE = CE(f(x_adv), y) - mean log(1.0001 - p'_{y'})`` with ``y'`` the most likely wrong class.
+
+    Probability-row targets ``t`` (:mod:`lit_robust.targets`): each per-example term is averaged over the
+    true class ``c ~ t``, as the cross-entropy against a row averages the per-class ones:
+    ``-sum_c t_c log(1.0001 - max_{j != c} p'_j)`` and the weight ``1 - sum_c t_c p_c(x)``. One-hot rows give
+    the class-index loss (tested).
     """
     p_adv = F.softmax(AF.upcast(adv_logits), dim=1)
     p_clean = F.softmax(AF.upcast(clean_logits), dim=1)
-    is_true = F.one_hot(y, p_adv.shape[1]).bool()
-    p_adv_wrong = p_adv.masked_fill(is_true, -1.0).amax(1)  # p'[y'] with y' the most likely wrong class
     ce = F.cross_entropy(adv_logits, y, label_smoothing=label_smoothing)
-    bce = ce - torch.log(1.0001 - p_adv_wrong + 1e-12).mean()
-    p_clean_true = p_clean.gather(1, y[:, None]).squeeze(1)
+    if is_probability_rows(y):
+        t = AF.upcast(y)
+        top2 = p_adv.topk(2, dim=1)
+        best_class = F.one_hot(top2.indices[:, 0], p_adv.shape[1]).bool()
+        # max over j != c of p'_j: the top probability, or the second one for c the top class
+        p_adv_wrong = torch.where(best_class, top2.values[:, 1:2], top2.values[:, 0:1])
+        bce = ce - (t * torch.log(1.0001 - p_adv_wrong + 1e-12)).sum(1).mean()
+        p_clean_true = (t * p_clean).sum(1)
+    else:
+        is_true = F.one_hot(y, p_adv.shape[1]).bool()
+        p_adv_wrong = p_adv.masked_fill(is_true, -1.0).amax(1)  # p'[y'] with y' the most likely wrong class
+        bce = ce - torch.log(1.0001 - p_adv_wrong + 1e-12).mean()
+        p_clean_true = p_clean.gather(1, y[:, None]).squeeze(1)
     weighted_kl = (AF.kl_loss(adv_logits, clean_logits) * (1.0000001 - p_clean_true)).mean()
     return bce + beta * weighted_kl
 
 
 def mart_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
-                   label_smoothing: float = 0.0) -> TrainingOutput:
-    """:func:`mart_loss_from_logits` on ``f(x)`` then ``f(x_adv)``."""
-    return _clean_then_adversarial(mart_loss_from_logits, model, x, x_adv, y, beta, label_smoothing)
+                   label_smoothing: float = 0.0, clean_bn_update: bool = True) -> TrainingOutput:
+    """:func:`mart_loss_from_logits` on ``f(x)`` then ``f(x_adv)`` (``clean_bn_update`` as in
+    :func:`trades_objective`)."""
+    return _clean_then_adversarial(mart_loss_from_logits, model, x, x_adv, y, beta, label_smoothing,
+                                   clean_bn_update=clean_bn_update)
 
 
 def mart_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
@@ -176,7 +205,7 @@ def smoothmix_objective(model: nn.Module, x_init: Tensor, x_adv: Tensor, y: Tens
     """
     m, b = noises.shape[:2]
     clean_logits = model((x_init + noises).flatten(0, 1))
-    ce = F.cross_entropy(clean_logits, y.repeat(m), label_smoothing=label_smoothing)
+    ce = F.cross_entropy(clean_logits, y.repeat(m, *([1] * (y.dim() - 1))), label_smoothing=label_smoothing)
     log_p_clean = log_mean_softmax(clean_logits.view(m, b, -1))
     k = log_p_clean.shape[1]
     lam_x = lam.view(-1, *([1] * (x_init.dim() - 1)))
@@ -185,7 +214,7 @@ def smoothmix_objective(model: nn.Module, x_init: Tensor, x_adv: Tensor, y: Tens
     log_q = F.log_softmax(AF.upcast(model((x_mix + noises).flatten(0, 1))), dim=1).view(m, b, k)
     # KL(y_mix || q) = sum y (log y - log q); the clamp keeps log y finite where y underflows to 0.
     kl = (y_mix * (y_mix.clamp_min(1e-30).log() - log_q)).sum(-1)
-    correct = log_p_clean.argmax(1) == y
+    correct = log_p_clean.argmax(1) == class_labels(y)
     mix = (kl * correct).mean()
     return TrainingOutput(ce + eta * weight * mix, clean_logits=log_p_clean)
 
@@ -222,8 +251,8 @@ class TradesLoss(_Objective):
 
     function = staticmethod(trades_loss)
 
-    def __init__(self, beta: float = 6.0, label_smoothing: float = 0.0) -> None:
-        super().__init__(beta=beta, label_smoothing=label_smoothing)
+    def __init__(self, beta: float = 6.0, label_smoothing: float = 0.0, clean_bn_update: bool = True) -> None:
+        super().__init__(beta=beta, label_smoothing=label_smoothing, clean_bn_update=clean_bn_update)
 
 
 class MARTLoss(_Objective):
