@@ -8,7 +8,7 @@ import torch
 
 from digits_bench import AttackSideEffects
 
-from lit_robust.attacks import PGD
+from lit_robust.attacks import PGD, AdamAscent
 from lit_robust.callbacks import EMA
 from lit_robust.cli import main
 from lit_robust.attacks.pgd import module_mode
@@ -109,6 +109,8 @@ def test_deepmind_recipes(tmp_path, name):
     assert type(module).__name__ == "TRADES" and module.beta == 6.0
     assert (module.attack_bn_mode, module.clean_bn_update) == ("batch", False)
     assert module.attack.reference == ("targets" if "cutmix" in name else "clean")
+    assert module.attack.start_std is None and module.attack.ascent.milestones == (5,)  # Adam, uniform start
+    assert (module.attack.ascent.lr, module.attack.ascent.gamma, module.attack.steps) == (0.1, 0.1, 10)
     assert data.cutmix is ("cutmix" in name) and data.real.cutmix is False
     assert (data.batch_size, data.real.val_size, data.emulated_workers, data.smoothing) == (1024, 1024, 4, 0.1)
     assert data.unique_real * data.repeats == 308 and data.batch_size - 308 == 716
@@ -146,3 +148,50 @@ def test_wang2023_recipe(tmp_path):
     ema = _ema(cli)
     assert ema.start_step + 1 == int(0.025 * 400 * 98) and ema.bn_buffers == "live"
     assert module.model.bn_first_batch
+
+
+# --- DeepMind's Adam attack ----------------------------------------------------------------------------------
+
+def test_adam_ascent_is_adam_on_the_input_then_projected(net):
+    """The same iterates as torch.optim.Adam minimising -CE over delta (eps 1e-9, lr 0.1 then 0.01 from step 5),
+    each step followed by the projection: optax's scale_by_adam, which DeepMind's attack uses, is this update."""
+    net.eval()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    eps = 0.1
+    ours = PGD(eps, 10, random_start=False, ascent=AdamAscent(0.1, (5,), 0.1))(net, x, y)
+    assert all(p.grad is None for p in net.parameters())  # input gradients only
+    delta = torch.zeros_like(x, requires_grad=True)
+    adam = torch.optim.Adam([delta], lr=0.1, betas=(0.9, 0.999), eps=1e-9)
+    for step in range(10):
+        adam.param_groups[0]["lr"] = 0.1 if step < 5 else 0.01
+        adam.zero_grad()
+        (-torch.nn.functional.cross_entropy(net(x + delta), y, reduction="sum")).backward()
+        adam.step()
+        with torch.no_grad():
+            delta.copy_(((x + delta.clamp(-eps, eps)).clamp(0, 1)) - x)
+    assert torch.allclose(ours, (x + delta).detach(), atol=1e-6)
+
+
+def test_adam_ascent_schedule_and_arguments():
+    rule = AdamAscent(0.1, (20, 30), 0.1)  # DeepMind's evaluation attack
+    assert [rule.lr_at(s) for s in (0, 19, 20, 29, 30)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    with pytest.raises(ValueError, match="betas"):
+        AdamAscent(betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="lr, gamma and eps"):
+        AdamAscent(lr=0)
+
+
+def test_trades_with_deepmind_attack_trains_and_round_trips(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from digits_bench import quiet_trainer
+    from lit_robust.datamodules import DigitsDataModule
+
+    module = TRADES(SmallCNN(width=4), eps=0.2, steps=3, attack_start_std=None, attack_ascent=AdamAscent(0.1, (2,)),
+                    attack_bn_mode="batch", clean_bn_update=False, val_attack_steps=1)
+    assert module.attack.ascent is module.attack_ascent and module.attack.start_std is None
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=1, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        module, DigitsDataModule(batch_size=16))
+    restored = TRADES.load_from_checkpoint(ckpt.last_model_path, model=SmallCNN(width=4))
+    assert restored.attack.ascent.milestones == (2,) and restored.attack.start_std is None

@@ -5,10 +5,11 @@ for people embedding an attack in their own ``training_step``.
 """
 
 from lit_robust.attacks import functional
+from lit_robust.attacks.adam import AdamAscent
 from lit_robust.attacks.functional import fosc
 from lit_robust.attacks.pgd import FGSM, PGD, Attack, AttackResult, module_mode
 from lit_robust.attacks.smoothed import smoothmix_attack
 from lit_robust.attacks.trades import TradesKLAttack
 
-__all__ = ["Attack", "AttackResult", "FGSM", "PGD", "TradesKLAttack", "fosc", "functional", "module_mode",
+__all__ = ["AdamAscent", "Attack", "AttackResult", "FGSM", "PGD", "TradesKLAttack", "fosc", "functional", "module_mode",
            "smoothmix_attack"]

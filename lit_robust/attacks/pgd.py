@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lit_robust.attacks import functional as AF
+from lit_robust.attacks.adam import AdamAscent
 from lit_robust.checks import check_attack_inputs
 from lit_robust.targets import class_labels
 
@@ -120,6 +121,9 @@ class PGD(Attack):
         fosc_reference: the point FOSC's ``<x_k - x_0, g>`` is measured from: ``"clean"``,
             the clean image (the paper's definition, default), or ``"start"``, the attack's
             starting point (the official ``pgd_attack.py``; the same point without a random start).
+        ascent: ``None``, the signed (Linf) or normalised (L2) step of ``step_size``; or an
+            :class:`~lit_robust.attacks.AdamAscent`, Adam on the perturbation as DeepMind's attacks
+            (``step_size`` is then unused).
 
     Cost: ``restarts * steps`` forward+backward passes, plus one forward per restart to
     score ``x_adv`` (a forward+backward if FOSC is tracked). ``attack(model, x, y)`` with one
@@ -141,6 +145,7 @@ class PGD(Attack):
         start_std: Optional[float] = None,
         fosc_reference: Literal["clean", "start"] = "clean",
         clip_start: bool = True,
+        ascent: Optional[AdamAscent] = None,
     ) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -170,6 +175,7 @@ class PGD(Attack):
         self.fosc_reference = fosc_reference
         self.set_fosc_threshold(fosc_threshold)
         self.start_std = None if start_std is None else float(start_std)
+        self.ascent = ascent
 
     def set_eps(self, eps: float) -> None:
         """Changes the radius and scales the step size with it (schedules ramp eps this way).
@@ -195,7 +201,7 @@ class PGD(Attack):
         return (
             f"{type(self).__name__}(eps={self.eps:.4g}, steps={self.steps}, step_size={self.step_size:.4g}, "
             f"norm={self.norm!r}, random_start={self.random_start}{start}, restarts={self.restarts}, "
-            f"loss={self.loss!r})"
+            f"loss={self.loss!r}{'' if self.ascent is None else ', ascent=' + repr(self.ascent)})"
         )
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -255,11 +261,13 @@ class PGD(Attack):
         origin = x if self.fosc_reference == "clean" else (x + delta).detach()
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         taken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        adam = None if self.ascent is None else self.ascent.run()
         for k in range(self.steps):
             _, _, grad = AF.loss_and_input_grad(model, x, delta, target, self.loss_fn)
             if self.fosc_threshold is not None and k > 0:
                 active = active & (AF.fosc(x + delta, origin, grad, self.eps, self.norm) > self.fosc_threshold)
-            stepped = AF.project(AF.ascent_step(delta, grad, self.step_size, self.norm), x, self.eps, self.norm)
+            moved = AF.ascent_step(delta, grad, self.step_size, self.norm) if adam is None else adam.step(delta, grad)
+            stepped = AF.project(moved, x, self.eps, self.norm)
             delta = torch.where(active.view(-1, *([1] * (x.dim() - 1))), stepped, delta)
             taken += active
         return (x + delta).detach(), taken, origin

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_robust.attacks import functional as AF
+from lit_robust.attacks.adam import AdamAscent
 from lit_robust.attacks.pgd import PGD
 
 REFERENCES = ("clean", "targets")
@@ -45,6 +46,8 @@ class TradesKLAttack(PGD):
             batch (TRADES), or ``"targets"``, the batch's targets (DeepMind's rule with CutMix, Rebuffi et al.
             2021: "regress the attack away from mixed labels"; ``jax/experiment.py``). Class indices are
             taken as one-hot rows, where the KL equals the cross-entropy.
+        ascent: ``None`` (sign steps, the TRADES code) or :class:`~lit_robust.attacks.AdamAscent` (DeepMind's
+            Adam steps; use ``start_std=None`` for its uniform start).
 
     ``run`` returns an :class:`~lit_robust.attacks.AttackResult` whose ``loss`` is the
     per-example KL at ``x_adv``. Cost: ``steps`` forward+backward passes plus one forward
@@ -54,8 +57,9 @@ class TradesKLAttack(PGD):
     def __init__(self, eps: float, steps: int = 10, step_size: Optional[float] = None,
                  norm: Literal["linf", "l2"] = "linf", start_std: Optional[float] = 0.001,
                  bn_mode: Literal["eval", "train", "batch"] = "eval",
-                 reference: Literal["clean", "targets"] = "clean") -> None:
-        super().__init__(eps, steps, step_size, norm, random_start=True, bn_mode=bn_mode, start_std=start_std)
+                 reference: Literal["clean", "targets"] = "clean", ascent: Optional[AdamAscent] = None) -> None:
+        super().__init__(eps, steps, step_size, norm, random_start=True, bn_mode=bn_mode, start_std=start_std,
+                         ascent=ascent)
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         self.reference = reference

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lit_robust.attacks import PGD, TradesKLAttack
+from lit_robust.attacks import PGD, AdamAscent, TradesKLAttack
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
 from lit_robust.objectives import trades_objective
 
@@ -96,20 +96,27 @@ class TRADES(CleanAdversarialKL):
             ``jax/experiment.py``: "regress the attack away from mixed labels"; see
             :class:`~lit_robust.attacks.TradesKLAttack`).
         clean_bn_update: see :class:`CleanAdversarialKL` (False: DeepMind's BatchNorm handling).
+        attack_start_std: the attack's Gaussian start (0.001, the official code); None starts from a uniform
+            draw in the ball, projected (DeepMind's ``linf_initialize_fn``).
+        attack_ascent: None (sign steps of ``step_size``, the official code) or
+            :class:`~lit_robust.attacks.AdamAscent` (DeepMind's Adam on the input: ``AdamAscent(0.1, (5,), 0.1)``).
         eps, steps, step_size: the training attack (official values by default).
         **kwargs: the shared arguments of :class:`~lit_robust.defenses.AdversarialModule`.
     """
 
     def __init__(self, model: nn.Module, attack_reference: Literal["clean", "targets"] = "clean",
+                 attack_start_std: Optional[float] = 0.001, attack_ascent: Optional[AdamAscent] = None,
                  **kwargs: Any) -> None:
-        self.attack_reference = attack_reference
+        self.attack_reference, self.attack_start_std, self.attack_ascent = attack_reference, attack_start_std, \
+            attack_ascent
         super().__init__(model, **kwargs)
 
     objective = staticmethod(trades_objective)  # CE(f(x), y) + beta * batchmean KL; the clean side keeps its graph
 
     def training_attack(self) -> PGD:
         return TradesKLAttack(self.eps, self.steps, self.step_size, self.norm, bn_mode=self.attack_bn_mode,
-                              reference=self.attack_reference)
+                              reference=self.attack_reference, start_std=self.attack_start_std,
+                              ascent=self.attack_ascent)
 
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
