@@ -10,9 +10,12 @@ from lit_robust.callbacks.early_stopping import RobustEarlyStopping, robust_chec
 from lit_robust.callbacks.ema import EMA
 from lit_robust.callbacks.exact_resume import ExactResume
 from lit_robust.callbacks.example_logger import AdversarialExampleLogger
+from lit_robust.callbacks.feature_purification import FeaturePurificationProbe
 from lit_robust.callbacks.fosc import FOSCSchedule
 from lit_robust.callbacks.robust_evaluation import RobustEvaluation
 from lit_robust.callbacks.schedules import AttackSchedule, AttackStepsSchedule, EpsilonSchedule
+from lit_robust.callbacks.weights_from_checkpoint import WeightsFromCheckpoint
 
 __all__ = ["AdversarialExampleLogger", "AdversarialTraining", "AttackSchedule", "AttackStepsSchedule", "CatastrophicOverfittingMonitor",
-           "EMA", "EpsilonSchedule", "ExactResume", "FOSCSchedule", "RobustEarlyStopping", "RobustEvaluation", "robust_checkpoint"]
+           "EMA", "EpsilonSchedule", "ExactResume", "FOSCSchedule", "FeaturePurificationProbe", "RobustEarlyStopping",
+           "RobustEvaluation", "WeightsFromCheckpoint", "robust_checkpoint"]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "helpers" / "ddp_fit.py"
 CHECKS = REPO / "tests" / "helpers" / "ddp_checks.py"
@@ -87,7 +89,8 @@ def test_every_defense_syncs_gradients_once_per_step_without_unused_parameters(t
     """find_unused_parameters=False throughout; all-reduces per optimizer step equal standard training's;
     replicas identical after the steps (see tests/helpers/ddp_checks.py)."""
     ranks = _launch(CHECKS, tmp_path)
-    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 16  # 14 defenses' runs, a foreign module's two
+    expected = {*DEFENSES, "PGDAT+awp", *CERTIFIED_DEFENSES, "Foreign", "Foreign+AdversarialTraining"}
+    assert ranks[0].keys() == ranks[1].keys() == expected  # every defense's run, a foreign module's two
     per_step = ranks[0]["StandardTraining"]["allreduces"] / ranks[0]["StandardTraining"]["optimizer_steps"]
     assert per_step >= 1
     for name, result in ranks[0].items():

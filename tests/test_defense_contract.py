@@ -63,7 +63,9 @@ def test_adversarial_batch_respects_threat_model_and_leaves_no_gradients(digits,
     module.train()
     x_adv = module.perturb(x, y)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
-    assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert module.in_threat_model(x, x_adv).all()
+    if name != "UnionAT":  # the union's L1 and L2 balls reach past the Linf eps
+        assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert all(p.grad is None for p in module.parameters())
     assert all(m.training for m in module.modules())  # attack-time modes were restored
 

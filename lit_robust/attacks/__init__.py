@@ -10,6 +10,7 @@ from lit_robust.attacks.functional import fosc
 from lit_robust.attacks.pgd import FGSM, PGD, Attack, AttackResult, module_mode
 from lit_robust.attacks.smoothed import smoothmix_attack
 from lit_robust.attacks.trades import TradesKLAttack
+from lit_robust.attacks.union import MSD, L1PGD, WorstOfAttacks, union_attacks, union_correct
 
-__all__ = ["AdamAscent", "Attack", "AttackResult", "FGSM", "PGD", "TradesKLAttack", "fosc", "functional", "module_mode",
-           "smoothmix_attack"]
+__all__ = ["AdamAscent", "Attack", "AttackResult", "FGSM", "L1PGD", "MSD", "PGD", "TradesKLAttack", "WorstOfAttacks",
+           "fosc", "functional", "module_mode", "smoothmix_attack", "union_attacks", "union_correct"]

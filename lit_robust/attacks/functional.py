@@ -7,6 +7,7 @@ nothing synchronises with the host, so these pieces can sit inside a ``training_
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -178,3 +179,96 @@ def loss_and_input_grad(
     losses = loss_fn(logits, y)
     (grad,) = torch.autograd.grad(losses.sum(), delta)
     return losses.detach(), logits.detach(), grad
+
+
+# --- the L1 threat model (Maini et al., ICML 2020; Tramer & Boneh, NeurIPS 2019) ---------------------------
+
+UNION_NORMS = ("linf", "l2", "l1")  #: the threat models of multiple-norm training (``lit_robust.attacks.union``)
+
+
+def project_l1_ball(delta: Tensor, eps: float) -> Tensor:
+    """The Euclidean projection of each example of ``delta`` onto the L1 ball of radius ``eps``, exactly.
+
+    Duchi et al.'s sort-based rule (ICML 2008): with ``mu`` the magnitudes sorted in decreasing order and
+    ``rho`` the largest ``j`` with ``mu_j > (mu_1 + ... + mu_j - eps) / j``, the projection soft-thresholds
+    every magnitude by ``theta = (mu_1 + ... + mu_rho - eps) / rho`` and keeps the signs. Examples already
+    in the ball have ``theta <= 0`` and come back unchanged (the official MSD code, which projects the
+    whole batch once one example is outside, moves them too). Computed in at least float32.
+    """
+    flat = upcast(delta.flatten(1))
+    magnitude = flat.abs()
+    ordered = magnitude.sort(dim=1, descending=True).values
+    cumulative = ordered.cumsum(1)
+    j = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
+    # the condition holds for j = 1 .. rho and fails after: rho is the largest j where it holds
+    rho = ((ordered * j > cumulative - eps) * j).amax(1, keepdim=True).clamp_min(1)
+    theta = ((cumulative.gather(1, rho.long() - 1) - eps) / rho).clamp_min(0)
+    projected = flat.sign() * (magnitude - theta).clamp_min(0)
+    return projected.view_as(delta).to(delta.dtype)
+
+
+def project_l1(delta: Tensor, x: Tensor, eps: float) -> Tensor:
+    """:func:`project` for the L1 ball: onto the ball (:func:`project_l1_ball`), then the [0, 1] box around ``x``.
+
+    Ball first, box second, as the official CIFAR-10 MSD code, both official L1 PGDs and SLIDE do (the
+    official MNIST MSD code clamps to the box first, then projects onto the ball). The clamp only
+    moves coordinates towards ``x``, so the result lies in both sets; it is not the exact projection onto
+    their intersection (Croce & Hein 2021 compute that), which ``l1_ascent_step`` makes matter less by not
+    pushing coordinates that already sit at the box.
+    """
+    return (x + project_l1_ball(delta, eps)).clamp(0.0, 1.0) - x
+
+
+def l1_random_start(x: Tensor, eps: float, generator: torch.Generator | None = None, clip: bool = True) -> Tensor:
+    """A uniform draw from the L1 ball of radius ``eps`` around each example, box-projected (``clip``).
+
+    A vector of i.i.d. Laplace draws divided by its L1 norm is uniform on the L1 sphere (Tramer & Boneh's
+    start direction); the radius ``eps * U^(1/d)`` makes the draw uniform in the d-dimensional ball.
+    """
+    noise = torch.empty_like(x).exponential_(generator=generator)
+    signs = torch.empty_like(x).bernoulli_(0.5, generator=generator) * 2 - 1
+    direction = noise * signs / _flat_norm(noise, 1).clamp_min(_TINY)
+    u = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)
+    noise = direction * (eps * u.pow(1.0 / x[0].numel())).view(-1, *([1] * (x.dim() - 1)))
+    return project_l1(noise, x, eps) if clip else noise
+
+
+def l1_ascent_step(delta: Tensor, grad: Tensor, x: Tensor, step_size: float, k: int | Tensor,
+                   gap: float | Tensor = 0.0, skip_saturated: bool = False) -> Tensor:
+    """One k-sparse steepest-ascent step for the L1 ball: ``step_size`` of L1 length spread evenly over the
+    ``k`` coordinates with the largest ``|grad|`` (SLIDE, Tramer & Boneh 2019; the top-k step of MSD).
+
+    The exact L1 steepest-ascent direction moves one coordinate; spreading the step over k of them makes
+    progress in few iterations. Coordinates the step cannot move are left out first: those within ``gap``
+    of the side of the [0, 1] box the gradient pushes them towards (``x + delta >= 1 - gap`` with a positive
+    gradient, ``<= gap`` with a negative one). ``skip_saturated`` also leaves out every coordinate sitting
+    at 0 or 1 whatever the gradient's sign, as the official MSD code's ``l1_dir_topk`` does (on MNIST or the
+    digits, whose background is exactly 0, the step then never touches the background). Ties at the k-th
+    magnitude are all taken; each chosen coordinate moves by ``step_size / (number chosen)``, so the step's L1
+    norm is ``step_size`` unless no coordinate can move. ``k`` is an int, clipped to the number of
+    coordinates, or an integer tensor (0-dim: one k for the batch; ``[B]``: one per example) read on the
+    device, without a host synchronisation; ``gap`` may be a 0-dim tensor.
+    """
+    current = x + delta
+    blocked = ((grad > 0) & (current >= 1 - gap)) | ((grad < 0) & (current <= gap))
+    if skip_saturated:
+        blocked = blocked | (current <= 0) | (current >= 1)
+    g = grad.masked_fill(blocked, 0).flatten(1)
+    magnitude = g.abs()
+    n = g.shape[1]
+    if isinstance(k, Tensor):
+        position = (k.to(device=g.device, dtype=torch.long).clamp(1, n) - 1).reshape(-1, 1).expand(g.shape[0], 1)
+        kth = magnitude.sort(dim=1, descending=True).values.gather(1, position)
+    else:
+        kth = magnitude.topk(min(int(k), n), dim=1).values[:, -1:]
+    chosen = ((magnitude >= kth) & (magnitude > 0)).to(g.dtype)
+    direction = g.sign() * chosen / chosen.sum(1, keepdim=True).clamp_min(1)
+    return delta + step_size * direction.view_as(delta)
+
+
+def slide_k(n: int, percentile: float) -> int:
+    """How many of ``n`` coordinates lie at or above the ``percentile``-th percentile of their magnitudes (distinct
+    values, numpy's linear interpolation): SLIDE's sparsity, e.g. 31 of CIFAR-10's 3,072 at the 99th."""
+    if not 0 <= percentile < 100:
+        raise ValueError(f"percentile must be in [0, 100), got {percentile}")
+    return max(1, n - math.ceil((n - 1) * percentile / 100))

@@ -14,11 +14,14 @@ from lit_robust.defenses.fgsm_sdi import FGSMSDI
 from lit_robust.defenses.free_at import FreeAT
 from lit_robust.defenses.gls import GaussianLossSmoothing
 from lit_robust.defenses.interpolated_at import InterpolatedAT
+from lit_robust.defenses.jacobian import JacobianPGDAT, JacobianRegularized, JacobianTRADES
 from lit_robust.defenses.mart import MART
+from lit_robust.defenses.oat import OATPGDAT, OATTRADES, OODAugmentedTraining
 from lit_robust.defenses.pgd_at import PGDAT
 from lit_robust.defenses.smoothing import GaussianAugmentation, SmoothedClassifierModule, SmoothMix
 from lit_robust.defenses.standard import StandardTraining
 from lit_robust.defenses.trades import TRADES
+from lit_robust.defenses.union import UnionAT
 
 DEFENSES: dict[str, type[AdversarialModule]] = {
     "PGDAT": PGDAT,
@@ -30,6 +33,11 @@ DEFENSES: dict[str, type[AdversarialModule]] = {
     "DEAT": DEAT,
     "InterpolatedAT": InterpolatedAT,
     "FGSMSDI": FGSMSDI,
+    "UnionAT": UnionAT,
+    "OATPGDAT": OATPGDAT,
+    "OATTRADES": OATTRADES,
+    "JacobianPGDAT": JacobianPGDAT,
+    "JacobianTRADES": JacobianTRADES,
 }
 
 CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
@@ -39,5 +47,6 @@ CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
     "SmoothMix": SmoothMix,
 }
 
-__all__ = ["CERTIFIED_DEFENSES", "DEFENSES", "AdversarialModule", "SmoothedClassifierModule", "TrainingOutput",
+__all__ = ["CERTIFIED_DEFENSES", "DEFENSES", "AdversarialModule", "JacobianRegularized", "OODAugmentedTraining",
+           "SmoothedClassifierModule", "TrainingOutput",
            "WeightPerturbation", *DEFENSES, *CERTIFIED_DEFENSES]

@@ -217,6 +217,13 @@ class AdversarialModule(L.LightningModule):
         self.last_attack_result = self.attack.run(self.model, x, y)
         return self.last_attack_result.x_adv
 
+    def in_threat_model(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        """Per example: ``x_adv`` in the [0, 1] box and within ``eps`` of ``x`` in the defense's norm (a defense with
+        another threat model, such as a union of balls, overrides it)."""
+        d = (x_adv - x).detach().flatten(1)
+        size = d.abs().amax(1) if self.norm == "linf" else d.norm(dim=1)
+        return (size <= self.eps + 1e-6) & (x_adv.flatten(1).amin(1) >= 0) & (x_adv.flatten(1).amax(1) <= 1)
+
     def scheduled_attack(self) -> PGD:
         """The training attack that schedules (``lit_robust.callbacks``) adjust: ``self.attack``.
 

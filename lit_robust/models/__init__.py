@@ -7,11 +7,12 @@ from lit_robust.models.small_cnn import SmallCNN
 from lit_robust.models.swish_wide_resnet import (
     SwishWideResNet, load_official_state_dict, official_state_dict, swish_wide_resnet, wrn_28_10_swish, wrn_70_16_swish,
 )
+from lit_robust.models.symmetric_relu import LinearNet, SymmetricReLUNet, purity
 from lit_robust.models.wide_resnet import WideResNet
 
 __all__ = [
     "CNN3", "CNN5", "CNN7", "ibp_init", "CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_MEAN", "DIGITS_STD",
-    "Normalize", "PreActResNet18", "ResNet18", "ResNet110", "SmallCNN", "WideResNet",
+    "LinearNet", "Normalize", "PreActResNet18", "ResNet18", "ResNet110", "SmallCNN", "SymmetricReLUNet", "WideResNet",
     "SwishWideResNet", "load_official_state_dict", "official_state_dict", "swish_wide_resnet", "wrn_28_10_swish",
-    "wrn_70_16_swish",
+    "wrn_70_16_swish", "purity",
 ]

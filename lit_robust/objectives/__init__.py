@@ -33,10 +33,12 @@ from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import module_mode
 from lit_robust.attacks.smoothed import log_mean_softmax
 from lit_robust.objectives.awp import WeightPerturbation
+from lit_robust.objectives.jacobian import jacobian_frobenius_sq, jacobian_frobenius_sq_from_logits, jacobian_penalty
 from lit_robust.targets import class_labels, is_probability_rows
 
 __all__ = ["InterpolatedATLoss", "MARTLoss", "PGDATLoss", "TradesLoss", "TrainingOutput", "WeightPerturbation",
-           "gaussian_augmentation_objective", "interpolated_at_loss", "interpolated_at_objective", "mart_loss",
+           "gaussian_augmentation_objective", "interpolated_at_loss", "interpolated_at_objective",
+           "jacobian_frobenius_sq", "jacobian_frobenius_sq_from_logits", "jacobian_penalty", "mart_loss",
            "mart_loss_from_logits", "mart_objective", "mixup_cross_entropy", "pgd_at_loss", "pgd_at_objective",
            "sample_mix", "smoothmix_objective", "trades_loss", "trades_loss_from_logits", "trades_objective"]
 
