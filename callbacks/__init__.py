@@ -6,6 +6,7 @@ continues as if it had never stopped.
 
 from lit_robust.callbacks.adversarial_training import AdversarialTraining
 from lit_robust.callbacks.catastrophic_overfitting import CatastrophicOverfittingMonitor
+from lit_robust.callbacks.coreset import AdversarialCoresetSelection
 from lit_robust.callbacks.early_stopping import RobustEarlyStopping, robust_checkpoint
 from lit_robust.callbacks.ema import EMA
 from lit_robust.callbacks.exact_resume import ExactResume
@@ -16,6 +17,7 @@ from lit_robust.callbacks.robust_evaluation import RobustEvaluation
 from lit_robust.callbacks.schedules import AttackSchedule, AttackStepsSchedule, EpsilonSchedule
 from lit_robust.callbacks.weights_from_checkpoint import WeightsFromCheckpoint
 
-__all__ = ["AdversarialExampleLogger", "AdversarialTraining", "AttackSchedule", "AttackStepsSchedule", "CatastrophicOverfittingMonitor",
-           "EMA", "EpsilonSchedule", "ExactResume", "FOSCSchedule", "FeaturePurificationProbe", "RobustEarlyStopping",
-           "RobustEvaluation", "WeightsFromCheckpoint", "robust_checkpoint"]
+__all__ = ["AdversarialCoresetSelection", "AdversarialExampleLogger", "AdversarialTraining", "AttackSchedule",
+           "AttackStepsSchedule", "CatastrophicOverfittingMonitor", "EMA", "EpsilonSchedule", "ExactResume",
+           "FOSCSchedule", "FeaturePurificationProbe", "RobustEarlyStopping", "RobustEvaluation",
+           "WeightsFromCheckpoint", "robust_checkpoint"]

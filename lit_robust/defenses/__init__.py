@@ -18,6 +18,8 @@ from lit_robust.defenses.jacobian import JacobianPGDAT, JacobianRegularized, Jac
 from lit_robust.defenses.mart import MART
 from lit_robust.defenses.oat import OATPGDAT, OATTRADES, OODAugmentedTraining
 from lit_robust.defenses.pgd_at import PGDAT
+from lit_robust.defenses.rlat import RLAT
+from lit_robust.defenses.robust_mixup import RobustMixup
 from lit_robust.defenses.smoothing import GaussianAugmentation, SmoothedClassifierModule, SmoothMix
 from lit_robust.defenses.standard import StandardTraining
 from lit_robust.defenses.trades import TRADES
@@ -32,12 +34,14 @@ DEFENSES: dict[str, type[AdversarialModule]] = {
     "FreeAT": FreeAT,
     "DEAT": DEAT,
     "InterpolatedAT": InterpolatedAT,
+    "RobustMixup": RobustMixup,
     "FGSMSDI": FGSMSDI,
     "UnionAT": UnionAT,
     "OATPGDAT": OATPGDAT,
     "OATTRADES": OATTRADES,
     "JacobianPGDAT": JacobianPGDAT,
     "JacobianTRADES": JacobianTRADES,
+    "RLAT": RLAT,
 }
 
 CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {

@@ -34,13 +34,13 @@ from lit_robust.attacks.pgd import module_mode
 from lit_robust.attacks.smoothed import log_mean_softmax
 from lit_robust.objectives.awp import WeightPerturbation
 from lit_robust.objectives.jacobian import jacobian_frobenius_sq, jacobian_frobenius_sq_from_logits, jacobian_penalty
-from lit_robust.targets import class_labels, is_probability_rows
+from lit_robust.targets import class_labels, is_probability_rows, probability_rows
 
 __all__ = ["InterpolatedATLoss", "MARTLoss", "PGDATLoss", "TradesLoss", "TrainingOutput", "WeightPerturbation",
            "gaussian_augmentation_objective", "interpolated_at_loss", "interpolated_at_objective",
            "jacobian_frobenius_sq", "jacobian_frobenius_sq_from_logits", "jacobian_penalty", "mart_loss",
-           "mart_loss_from_logits", "mart_objective", "mixup_cross_entropy", "pgd_at_loss", "pgd_at_objective",
-           "sample_mix", "smoothmix_objective", "trades_loss", "trades_loss_from_logits", "trades_objective"]
+           "mart_loss_from_logits", "mart_objective", "mixup_batch", "mixup_cross_entropy", "pgd_at_loss",
+           "pgd_at_objective", "robust_mixup_objective", "sample_mix", "smoothmix_objective", "trades_loss", "trades_loss_from_logits", "trades_objective"]
 
 
 @dataclass
@@ -183,6 +183,28 @@ def interpolated_at_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Ten
 def interpolated_at_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, alpha: float = 1.0,
                          label_smoothing: float = 0.0) -> Tensor:
     return interpolated_at_objective(model, x, x_adv, y, alpha, label_smoothing).loss
+
+
+
+# --- Robust Mixup (Lau et al., IJSAT, TPAMI 2023): mix, then attack ---------------------------------------
+
+def mixup_batch(x: Tensor, y: Tensor, lam: Tensor, perm: Tensor,
+                num_classes: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """The mixed batch and its targets: ``x_mix = lam x + (1 - lam) x[perm]`` and the probability rows
+    ``y_mix = lam y + (1 - lam) y[perm]`` (class indices become one-hot rows of ``num_classes`` first; rows,
+    e.g. CutMix's, are mixed as they are). ``x_mix`` stays in [0, 1] when ``x`` is."""
+    rows = probability_rows(y, num_classes)
+    return lam * x + (1 - lam) * x[perm], lam * rows + (1 - lam) * rows[perm]
+
+
+def robust_mixup_objective(model: nn.Module, x_mix: Tensor, x_mix_adv: Tensor, y_mix: Tensor, lam: Tensor,
+                           perm: Tensor, label_smoothing: float = 0.0) -> TrainingOutput:
+    """``CE(f(x_mix_adv), y_mix)``, with ``x_mix_adv`` the attack on the mixed batch of :func:`mixup_batch`
+    (against ``y_mix``). The logits are returned with row ``i`` moved to the mixed example whose heavier
+    label is ``y[i]`` (detached, for accuracy against the unmixed labels)."""
+    logits = model(x_mix_adv)
+    loss = F.cross_entropy(logits, y_mix, label_smoothing=label_smoothing)
+    return TrainingOutput(loss, torch.where(lam >= 0.5, logits, logits[torch.argsort(perm)]).detach())
 
 
 # --- randomized smoothing (Cohen et al., ICML 2019) -------------------------------------------------------
