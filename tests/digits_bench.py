@@ -102,10 +102,10 @@ class InferenceModeSeen(L.Callback):
 def tiny_defense(name: str, **kwargs) -> AdversarialModule:
     """A registered defense (``DEFENSES`` or ``CERTIFIED_DEFENSES``) at digits scale: SmallCNN(width=4),
     or CNN3 for the bound-based ones, with two-step attacks and two PGPE pairs."""
-    from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
+    from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES, CertifiedTraining
     from lit_robust.models import CNN3, DIGITS_MEAN, DIGITS_STD
 
-    if name in ("CertifiedTraining", "GaussianLossSmoothing"):
+    if issubclass(CERTIFIED_DEFENSES.get(name, object), CertifiedTraining):  # bound propagation: a CNN3
         extra = {"estimator": "pgpe", "pairs": 2} if name == "GaussianLossSmoothing" else {}
         net = CNN3(in_channels=1, input_size=8, mean=DIGITS_MEAN, std=DIGITS_STD)
         return CERTIFIED_DEFENSES[name](net, eps=0.1, eps_ramp_epochs=1, **extra, **kwargs)

@@ -13,17 +13,22 @@ from lit_robust.defenses.fast_at import FastAT
 from lit_robust.defenses.fgsm_sdi import FGSMSDI
 from lit_robust.defenses.free_at import FreeAT
 from lit_robust.defenses.gls import GaussianLossSmoothing
+from lit_robust.defenses.grad_align import GradAlign
 from lit_robust.defenses.interpolated_at import InterpolatedAT
 from lit_robust.defenses.jacobian import JacobianPGDAT, JacobianRegularized, JacobianTRADES
 from lit_robust.defenses.mart import MART
+from lit_robust.defenses.nfgsm import NFGSM
+from lit_robust.defenses.mtl_ibp import MTLIBP
 from lit_robust.defenses.oat import OATPGDAT, OATTRADES, OODAugmentedTraining
 from lit_robust.defenses.pgd_at import PGDAT
 from lit_robust.defenses.rlat import RLAT
 from lit_robust.defenses.robust_mixup import RobustMixup
+from lit_robust.defenses.sabr import SABR
 from lit_robust.defenses.smoothing import GaussianAugmentation, SmoothedClassifierModule, SmoothMix
 from lit_robust.defenses.standard import StandardTraining
 from lit_robust.defenses.trades import TRADES
 from lit_robust.defenses.union import UnionAT
+from lit_robust.defenses.zerograd import MultiGrad, ZeroGrad
 
 DEFENSES: dict[str, type[AdversarialModule]] = {
     "PGDAT": PGDAT,
@@ -42,11 +47,17 @@ DEFENSES: dict[str, type[AdversarialModule]] = {
     "JacobianPGDAT": JacobianPGDAT,
     "JacobianTRADES": JacobianTRADES,
     "RLAT": RLAT,
+    "NFGSM": NFGSM,
+    "GradAlign": GradAlign,
+    "ZeroGrad": ZeroGrad,
+    "MultiGrad": MultiGrad,
 }
 
 CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
     "CertifiedTraining": CertifiedTraining,
     "GaussianLossSmoothing": GaussianLossSmoothing,
+    "SABR": SABR,
+    "MTLIBP": MTLIBP,
     "GaussianAugmentation": GaussianAugmentation,
     "SmoothMix": SmoothMix,
 }

@@ -31,7 +31,7 @@ from foreign_module import DictDigits, ForeignClassifier
 from lit_robust.attacks import PGD
 from lit_robust.callbacks import AdversarialTraining
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
+from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES, CertifiedTraining
 from lit_robust.models import CNN3, DIGITS_MEAN, DIGITS_STD, SmallCNN
 
 #: a module that is not ours, plain and through the AdversarialTraining callback (PGD with FOSC stopping, so
@@ -64,7 +64,7 @@ def make(name: str) -> L.LightningModule:
         return ForeignClassifier(width=4)
     if name == "PGDAT+awp":
         return DEFENSES["PGDAT"](SmallCNN(width=4), eps=0.2, steps=2, step_size=0.1, val_attack_steps=1, awp_gamma=0.01)
-    if name in ("CertifiedTraining", "GaussianLossSmoothing"):
+    if issubclass(CERTIFIED_DEFENSES.get(name, object), CertifiedTraining):  # bound propagation: a CNN3
         net = CNN3(in_channels=1, input_size=8, mean=DIGITS_MEAN, std=DIGITS_STD, bn=True)
         extra = {"estimator": "pgpe", "pairs": 2} if name == "GaussianLossSmoothing" else {}
         return CERTIFIED_DEFENSES[name](net, eps=0.1, eps_ramp_epochs=1, val_attack_steps=1, **extra)
