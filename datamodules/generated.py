@@ -84,7 +84,7 @@ class PermutationStream:
         return out
 
 
-def _derived_seed(*entropy: int) -> int:
+def derived_seed(*entropy: int) -> int:
     """A 63-bit seed for ``torch.Generator`` from integers (NumPy's SeedSequence mixing)."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
@@ -219,7 +219,7 @@ class MixedBatches(Dataset):
         is_generated = torch.arange(len(labels)) >= len(real)
         x = to_unit_float(images, self.max_value)
         if self.pad or self.flip:
-            generator = torch.Generator().manual_seed(_derived_seed(self.seed, _AUGMENT, epoch, self.rank, batch))
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, _AUGMENT, epoch, self.rank, batch))
             x = random_crop_flip(x, self.pad, self.flip, generator)
         if self.smoothing > 0:
             labels = smooth_labels(labels, self.num_classes, self.smoothing * is_generated.float())

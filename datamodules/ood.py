@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lit_robust.datamodules.arrays import random_crop_flip, to_unit_float
-from lit_robust.datamodules.generated import PermutationStream, _derived_seed
+from lit_robust.datamodules.generated import PermutationStream, derived_seed
 from lit_robust.datamodules.npz import npz_members
 
 _OOD, _AUGMENT = 11, 12  # salts that keep the OOD streams of one seed apart from the other streams
@@ -242,7 +242,7 @@ class OODDataModule(L.LightningDataModule):
         stream = PermutationStream(len(self.images), self.seed, _OOD)
         x = self.images.read(stream.take((self.step * world + rank) * n, n))
         if self._augment():
-            generator = torch.Generator().manual_seed(_derived_seed(self.seed, _AUGMENT, self.step, rank))
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, _AUGMENT, self.step, rank))
             x = random_crop_flip(x, getattr(self.data, "pad", 0), getattr(self.data, "flip", False), generator)
         self.step += 1
         return x

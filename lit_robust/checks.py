@@ -16,6 +16,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from lit_robust.targets import is_probability_rows
+
 _CHECKED: ContextVar[bool] = ContextVar("lit_robust_inputs_checked", default=False)
 
 
@@ -73,7 +75,7 @@ def check_input_types(x: Tensor, y: Optional[Tensor] = None) -> None:
         return
     if not isinstance(y, Tensor):
         raise ValueError(f"labels must be a Tensor of class indices [B], got {type(y).__name__}")
-    if y.dim() == 2 and y.is_floating_point():  # probability rows (lit_robust.targets)
+    if is_probability_rows(y):
         if y.shape[0] != x.shape[0] or y.shape[1] < 2:
             raise ValueError(f"probability-row targets must be [B, num_classes] = [{x.shape[0]}, C >= 2], got "
                              f"{tuple(y.shape)}")
@@ -98,7 +100,7 @@ def check_inputs(x: Tensor, y: Optional[Tensor] = None, logits: Optional[Tensor]
     finite = torch.isfinite(x)
     values = [(~finite).flatten(1).any(1).sum(), (~finite).sum(), torch.where(finite, x, 0.5).amin(),
               torch.where(finite, x, 0.5).amax()]
-    rows = y is not None and y.dim() == 2
+    rows = y is not None and is_probability_rows(y)
     if y is not None and not y.numel():
         values += [torch.zeros(()), torch.zeros(())]
     elif rows:  # the smallest entry (NaN counts as negative) and the largest distance of a row sum from 1

@@ -55,16 +55,15 @@ class AdamAscent:
 class _AdamRun:
     def __init__(self, rule: AdamAscent) -> None:
         self.rule, self.t = rule, 0
-        self.m: Tensor | None = None
-        self.v: Tensor | None = None
+        self.m = self.v = 0.0  # broadcast as zero tensors at the first step
 
     def step(self, delta: Tensor, grad: Tensor) -> Tensor:
         """``delta`` moved by one Adam ascent step on ``grad`` (before the projection)."""
         b1, b2 = self.rule.betas
         lr = self.rule.lr_at(self.t)
         self.t += 1
-        self.m = (1 - b1) * grad if self.m is None else b1 * self.m + (1 - b1) * grad
-        self.v = (1 - b2) * grad * grad if self.v is None else b2 * self.v + (1 - b2) * grad * grad
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
         m_hat, v_hat = self.m / (1 - b1 ** self.t), self.v / (1 - b2 ** self.t)
         return delta + lr * m_hat / (v_hat.sqrt() + self.rule.eps)
 

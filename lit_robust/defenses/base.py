@@ -483,6 +483,12 @@ def positive_int(value: int, name: str) -> int:
     return int(value)
 
 
+def linf_only(kwargs: dict[str, Any], method: str) -> None:
+    """A ``ValueError`` unless the defense arguments ``kwargs`` leave ``norm`` at ``"linf"`` (sign-step methods)."""
+    if kwargs.get("norm", "linf") != "linf":
+        raise ValueError(f"norm must be 'linf' for {method} (a sign-step method), got {kwargs['norm']!r}")
+
+
 def finite_total(steps: float) -> int:
     """``trainer.estimated_stepping_batches`` for a schedule that needs the training length."""
     if steps == float("inf"):

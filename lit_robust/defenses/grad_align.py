@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lit_robust.attacks import FGSM
 from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import module_mode
-from lit_robust.defenses.base import TrainingOutput
+from lit_robust.defenses.base import TrainingOutput, linf_only
 from lit_robust.defenses.fast_at import FastAT
 
 
@@ -90,8 +90,7 @@ class GradAlign(FastAT):
         if grad_align_lambda > 0 and kwargs.get("compile_model"):
             raise ValueError("GradAlign's double backprop cannot run through a torch.compile'd backbone "
                              "(create_graph=True is refused by compiled backward); use compile_model=False")
-        if kwargs.get("norm", "linf") != "linf":
-            raise ValueError(f"GradAlign is an Linf method here, got norm={kwargs['norm']!r}")
+        linf_only(kwargs, "GradAlign")
         super().__init__(model, eps=eps, step_size=step_size, co_guard=co_guard, **kwargs)
         self.grad_align_lambda = float(grad_align_lambda)
         self.attack = FGSM(self.eps, self.step_size, "linf", random_start=False, bn_mode=self.attack_bn_mode)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lit_robust.attacks import FGSM
 from lit_robust.attacks import functional as AF
+from lit_robust.defenses.base import linf_only
 from lit_robust.defenses.fast_at import FastAT
 
 
@@ -105,8 +106,7 @@ class NFGSM(FastAT):
         co_guard: bool = False,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("norm", "linf") != "linf":
-            raise ValueError(f"NFGSM is an Linf method, got norm={kwargs['norm']!r}")
+        linf_only(kwargs, "NFGSM")
         if step_size is None and eps > 0:
             step_size = eps
         super().__init__(model, eps=eps, step_size=step_size, co_guard=co_guard, **kwargs)

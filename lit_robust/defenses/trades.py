@@ -107,8 +107,8 @@ class TRADES(CleanAdversarialKL):
     def __init__(self, model: nn.Module, attack_reference: Literal["clean", "targets"] = "clean",
                  attack_start_std: Optional[float] = 0.001, attack_ascent: Optional[AdamAscent] = None,
                  **kwargs: Any) -> None:
-        self.attack_reference, self.attack_start_std, self.attack_ascent = attack_reference, attack_start_std, \
-            attack_ascent
+        self.attack_reference = attack_reference
+        self.attack_start_std, self.attack_ascent = attack_start_std, attack_ascent
         super().__init__(model, **kwargs)
 
     objective = staticmethod(trades_objective)  # CE(f(x), y) + beta * batchmean KL; the clean side keeps its graph

@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lit_robust.attacks import functional as AF
 from lit_robust.attacks.pgd import module_mode
-from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total
+from lit_robust.defenses.base import AdversarialModule, TrainingOutput, finite_total, linf_only
 from lit_robust.objectives import pgd_at_objective
 
 _CARD = """
@@ -83,8 +83,7 @@ class _MaskedFGSMAT(AdversarialModule):
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: Optional[float] = None,
                  step_size_factor: float = 2.0, lr_drop: float = 50 / 52, **kwargs: Any) -> None:
-        if kwargs.get("norm", "linf") != "linf":
-            raise ValueError(f"norm must be 'linf' for {type(self).__name__} (a sign-step method), got {kwargs['norm']!r}")
+        linf_only(kwargs, type(self).__name__)
         if step_size_factor <= 0:
             raise ValueError(f"step_size_factor must be > 0, got {step_size_factor}")
         if not 0 < lr_drop <= 1:
