@@ -64,14 +64,16 @@ def to_unit_float(images: Tensor, max_value: int = 255) -> Tensor:
 
 
 class ArrayDataset(Dataset):
-    """``(image, label)`` pairs from uint8 ``[N, C, H, W]`` images: float [0, 1], optionally augmented."""
+    """``(image, label)`` pairs from uint8 ``[N, C, H, W]`` images: float [0, 1], optionally augmented;
+    ``(image, label, index)`` with ``with_index`` (the position in this split, for per-example state)."""
 
     def __init__(self, images: Tensor, labels: Tensor, augment: Optional[Callable[[Tensor], Tensor]] = None,
-                 max_value: int = 255) -> None:
+                 max_value: int = 255, with_index: bool = False) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
             raise ValueError(f"images must be uint8 [N, C, H, W] with one label each, got {images.dtype} "
                              f"{tuple(images.shape)} and {len(labels)} labels")
         self.images, self.labels, self.augment, self.max_value = images, labels, augment, max_value
+        self.with_index = with_index
 
     @property
     def tensors(self) -> tuple[Tensor, Tensor]:
@@ -81,11 +83,11 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         x = to_unit_float(self.images[index], self.max_value)
         if self.augment is not None:
             x = self.augment(x[None])[0]
-        return x, self.labels[index]
+        return (x, self.labels[index], index) if self.with_index else (x, self.labels[index])
 
 
 class DeviceBatches:
@@ -95,14 +97,15 @@ class DeviceBatches:
     the same on every rank, as ``DistributedSampler`` does; each of ``world_size`` ranks then
     takes every ``world_size``-th index, the order padded by repeating its start so that all
     ranks get the same number of batches. A resumed run repeats the straight run's batches.
+    With ``with_index`` a batch is ``(x, y, index)``: the examples' positions in the split.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool, seed: int = 0,
                  augment: Optional[Callable[[Tensor], Tensor]] = None, rank: int = 0, world_size: int = 1,
-                 epoch_fn: Callable[[], int] = lambda: 0, max_value: int = 255) -> None:
+                 epoch_fn: Callable[[], int] = lambda: 0, max_value: int = 255, with_index: bool = False) -> None:
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
         self.seed, self.augment, self.rank, self.world_size, self.epoch_fn = seed, augment, rank, world_size, epoch_fn
-        self.max_value = max_value
+        self.max_value, self.with_index = max_value, with_index
 
     def _indices(self) -> Tensor:
         n = len(self.labels)
@@ -117,12 +120,13 @@ class DeviceBatches:
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.labels) / self.world_size) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         indices = self._indices()
         for start in range(0, len(indices), self.batch_size):
             index = indices[start:start + self.batch_size]
             x = to_unit_float(self.images[index], self.max_value)
-            yield (x if self.augment is None else self.augment(x)), self.labels[index]
+            batch = (x if self.augment is None else self.augment(x)), self.labels[index]
+            yield (*batch, index) if self.with_index else batch
 
 
 def held_out_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +165,9 @@ class ImageDataModule(SplitDataModule):
             targets become probability rows ``[B, num_classes]``. Rebuffi et al. find it helps robustness
             only together with weight averaging (:class:`~lit_robust.callbacks.EMA`); with TRADES, DeepMind
             attacks away from the mixed labels (``TRADES(attack_reference="targets")``).
+        with_index: training batches are ``(x, y, index)``, ``index`` the examples' positions in the training
+            split (int64), for defenses that keep state per training example (:class:`~lit_robust.defenses.ATAS`).
+            Validation and test batches stay ``(x, y)``.
     """
 
     num_classes: int
@@ -171,13 +178,13 @@ class ImageDataModule(SplitDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  eval_batch_size: Optional[int] = None, num_workers: int = 4, val_size: int = 1000, seed: int = 0,
-                 augment: bool = True, on_device: bool = False, cutmix: bool = False) -> None:
+                 augment: bool = True, on_device: bool = False, cutmix: bool = False, with_index: bool = False) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.data_dir, self.download_files, self.val_size, self.seed = data_dir, download, val_size, seed
-        self.augment, self.on_device, self.cutmix = augment, on_device, cutmix
+        self.augment, self.on_device, self.cutmix, self.with_index = augment, on_device, cutmix, with_index
         self.arrays: dict[str, tuple[Tensor, Tensor]] = {}
 
     # --- what a dataset implements ---------------------------------------------------------
@@ -204,7 +211,8 @@ class ImageDataModule(SplitDataModule):
             return
         self.verify()
         self.arrays = self.split_arrays()
-        self.splits = {name: ArrayDataset(*arrays, self._augmentation() if name == "train" else None, self.max_value)
+        self.splits = {name: ArrayDataset(*arrays, self._augmentation() if name == "train" else None, self.max_value,
+                                          with_index=self.with_index and name == "train")
                        for name, arrays in self.arrays.items()}
 
     def split_arrays(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -229,7 +237,7 @@ class ImageDataModule(SplitDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return DeviceBatches(images, labels, size, shuffle=train, seed=self.seed,
                              augment=self._augmentation() if train else None, rank=rank, world_size=world,
-                             epoch_fn=self._epoch, max_value=self.max_value)
+                             epoch_fn=self._epoch, max_value=self.max_value, with_index=self.with_index and train)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """CutMix of the training batches (``cutmix``), on their device; other batches pass unchanged."""

@@ -26,7 +26,7 @@ class DigitsDataModule(ImageDataModule):
         seed: of the split and of the on-device shuffling.
         augment: training augmentation, off by default: a random 8x8 crop of the 1-pixel
             reflect-padded image, no flip (a mirrored digit is another glyph, or none).
-        on_device, cutmix: as in :class:`~lit_robust.datamodules.arrays.ImageDataModule`.
+        on_device, cutmix, with_index: as in :class:`~lit_robust.datamodules.arrays.ImageDataModule`.
     """
 
     num_classes = 10
@@ -36,9 +36,9 @@ class DigitsDataModule(ImageDataModule):
 
     def __init__(self, batch_size: int = 64, eval_batch_size: Optional[int] = None, val_size: int = 180,
                  test_size: int = 359, seed: int = 0, num_workers: int = 0, augment: bool = False,
-                 on_device: bool = False, cutmix: bool = False) -> None:
+                 on_device: bool = False, cutmix: bool = False, with_index: bool = False) -> None:
         super().__init__("", False, batch_size, eval_batch_size, num_workers, val_size, seed, augment, on_device,
-                         cutmix)
+                         cutmix, with_index)
         if test_size < 1 or val_size + test_size >= self.num_images:
             raise ValueError(f"test_size must be >= 1 and val_size + test_size < {self.num_images}, got test_size "
                              f"{test_size} and val_size {val_size}")

@@ -62,9 +62,10 @@ class SVHNDataModule(ImageDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  eval_batch_size: Optional[int] = None, num_workers: int = 4, val_size: int = 1000, seed: int = 0,
-                 augment: bool = True, on_device: bool = False, use_extra: bool = False, cutmix: bool = False) -> None:
+                 augment: bool = True, on_device: bool = False, use_extra: bool = False, cutmix: bool = False,
+                 with_index: bool = False) -> None:
         super().__init__(data_dir, download, batch_size, eval_batch_size, num_workers, val_size, seed, augment,
-                         on_device, cutmix)
+                         on_device, cutmix, with_index)
         self.use_extra = use_extra
         self.save_hyperparameters()
 

@@ -30,6 +30,19 @@ def digits() -> DigitsDataModule:
     return dm
 
 
+def needs_index(name: str) -> bool:
+    """Whether the registered defense ``name`` keeps per-example state, so its training batches must carry the
+    examples' indices (``DigitsDataModule(with_index=True)``)."""
+    from lit_robust.defenses import CERTIFIED_DEFENSES, DEFENSES
+
+    return getattr({**DEFENSES, **CERTIFIED_DEFENSES}.get(name), "needs_example_index", False)
+
+
+def digits_for(name: str, **kwargs) -> DigitsDataModule:
+    """``DigitsDataModule(**kwargs)`` for the registered defense ``name``: with example indices where it needs them."""
+    return DigitsDataModule(with_index=needs_index(name), **kwargs)
+
+
 def fit_on_digits(module: AdversarialModule, epochs: int = 8, callbacks: tuple = ()) -> AdversarialModule:
     """Trains on the digits train split (seed 0, CPU, no validation) and returns the module in eval mode.
 

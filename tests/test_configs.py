@@ -85,3 +85,14 @@ def test_dynamic_at_lr_drops_where_the_official_loop_does(tmp_path):
             lr = lr / 10.0
         official.append(lr)
     assert lrs == pytest.approx(official)
+
+
+def test_atas_is_the_official_recipe(tmp_path):
+    """ATAS_CIFAR.sh: c 0.01, steps in [4/255, 14/255] from 2 * 8/255, 5 warm-up epochs, resets every 10, 30
+    epochs; the DataModule serves indexed, unaugmented batches (ATAS crops and flips itself)."""
+    cli = _instantiate("cifar10/atas.yaml", tmp_path)
+    m, data = cli.model, cli.datamodule
+    assert (m.c, m.beta, m.warmup_epochs, m.reset_every, m.pad, m.flip) == (0.01, 0.5, 5, 10, 4, True)
+    assert (m.step_scale, m.min_step_size, m.max_step_size) == pytest.approx((16 / 255, 4 / 255, 14 / 255))
+    assert m.warmup_step_size == pytest.approx(8 / 255) and cli.trainer.max_epochs == 30
+    assert data.with_index and not data.augment and data.batch_size == 128

@@ -97,6 +97,9 @@ def test_every_defense_syncs_gradients_once_per_step_without_unused_parameters(t
         assert result["optimizer_steps"] >= 3, name
         assert result["allreduces"] == per_step * result["optimizer_steps"], (name, result)
         assert result["finite"] and result["checksum"] == ranks[1][name]["checksum"], name
+    # ATAS's per-example state: each rank updated its own examples, the all-gather gave both ranks all updates
+    state = [r["ATAS"]["state_checksum"] for r in ranks]
+    assert state[0] == state[1] and state[0][1] > 0, state
     # the AdversarialTraining callback adds no collective to a module that is not ours
     assert ranks[0]["Foreign+AdversarialTraining"]["allreduces"] == ranks[0]["Foreign"]["allreduces"]
 

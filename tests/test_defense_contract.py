@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from digits_bench import InferenceModeSeen, quiet_trainer as _trainer
+from digits_bench import InferenceModeSeen, needs_index, quiet_trainer as _trainer
 
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses import DEFENSES, AdversarialModule
@@ -24,14 +24,22 @@ def _make(name, extra):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    dm = DigitsDataModule(batch_size=16, eval_batch_size=32)
-    dm.setup()
-    return dm
+def data():
+    """``data(name)``: the digits, with example indices in the training batches for a defense that needs them."""
+    made = {}
+
+    def for_defense(name):
+        flag = needs_index(name)
+        if flag not in made:
+            made[flag] = DigitsDataModule(batch_size=16, eval_batch_size=32, with_index=flag)
+            made[flag].setup()
+        return made[flag]
+    return for_defense
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=IDS)
-def test_fit_validate_test(tmp_path, digits, name, extra):
+def test_fit_validate_test(tmp_path, data, name, extra):
+    digits = data(name)
     module, seen = _make(name, extra), InferenceModeSeen()
     trainer = _trainer(tmp_path, fast_dev_run=2, callbacks=[seen])
     trainer.fit(module, digits)
@@ -45,7 +53,8 @@ def test_fit_validate_test(tmp_path, digits, name, extra):
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=IDS)
-def test_checkpoint_round_trip(tmp_path, digits, name, extra):
+def test_checkpoint_round_trip(tmp_path, data, name, extra):
+    digits = data(name)
     module = _make(name, extra)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     _trainer(tmp_path, max_steps=2, limit_val_batches=1, enable_checkpointing=True, callbacks=[ckpt]).fit(module, digits)
@@ -57,9 +66,10 @@ def test_checkpoint_round_trip(tmp_path, digits, name, extra):
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=IDS)
-def test_adversarial_batch_respects_threat_model_and_leaves_no_gradients(digits, name, extra):
+def test_adversarial_batch_respects_threat_model_and_leaves_no_gradients(data, name, extra):
+    digits = data(name)
     module = _make(name, extra)
-    x, y = next(iter(digits.train_dataloader()))
+    x, y, *_ = next(iter(digits.train_dataloader()))
     module.train()
     x_adv = module.perturb(x, y)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
@@ -71,7 +81,8 @@ def test_adversarial_batch_respects_threat_model_and_leaves_no_gradients(digits,
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=IDS)
-def test_seeded_training_is_deterministic(tmp_path, digits, name, extra):
+def test_seeded_training_is_deterministic(tmp_path, data, name, extra):
+    digits = data(name)
     def run():
         L.seed_everything(7)
         module = _make(name, extra)

@@ -4,7 +4,7 @@ inputs, and ``torch.compile`` of the backbone with input-gradient attacks still 
 import lightning.pytorch as L
 import pytest
 import torch
-from digits_bench import ACCELERATORS, quiet_trainer, tiny_defense, training_only_trainer
+from digits_bench import ACCELERATORS, digits_for, quiet_trainer, tiny_defense, training_only_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_robust.attacks import PGD
@@ -35,7 +35,7 @@ def test_every_defense_trains_under_bf16_autocast(tmp_path, name, accelerator):
     module, seen = tiny_defense(name), _Inputs()
     trainer = training_only_trainer(tmp_path, max_steps=2, precision="bf16-mixed", callbacks=[seen],
                                     accelerator=accelerator)
-    trainer.fit(module, DigitsDataModule(batch_size=16))
+    trainer.fit(module, digits_for(name, batch_size=16))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert torch.bfloat16 in seen.dtypes  # autocast really reached the network
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32

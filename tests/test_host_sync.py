@@ -12,7 +12,7 @@ import sys
 import lightning.pytorch as L
 import pytest
 import torch
-from digits_bench import ACCELERATORS, tiny_defense, training_only_trainer
+from digits_bench import ACCELERATORS, digits_for, tiny_defense, training_only_trainer
 from torch.overrides import TorchFunctionMode
 
 from lit_robust.datamodules import DigitsDataModule
@@ -102,7 +102,7 @@ def test_training_step_does_not_sync_with_the_host(tmp_path, case, accelerator):
     callbacks = [FOSCSchedule(c_max=0.5, dynamic_epochs=2)] if variant == "fosc" else []
     seen = []
     module.training_step = recorded(module.training_step, accelerator, seen)
-    data = DigitsDataModule(batch_size=16)
+    data = digits_for(name, batch_size=16)
     training_only_trainer(tmp_path, max_epochs=1, limit_train_batches=3, log_every_n_steps=1,
                           callbacks=callbacks, accelerator=accelerator).fit(module, data)
     assert len(seen) == 2 and seen == [[], []], seen
@@ -133,7 +133,7 @@ def _loop_syncs(tmp_path, steps, callbacks=(), name="PGDAT"):
     module = tiny_defense(name)
     trainer = training_only_trainer(tmp_path, max_steps=steps, enable_progress_bar=True, log_every_n_steps=1000,
                                     callbacks=list(callbacks))
-    data = DigitsDataModule(batch_size=16)
+    data = digits_for(name, batch_size=16)
     with HostSyncRecorder() as recorder:
         trainer.fit(module, data)
     return len(recorder.seen)

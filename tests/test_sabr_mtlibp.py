@@ -9,7 +9,7 @@ from digits_bench import digits, training_only_trainer
 
 from lit_robust.certify import ibp_margin_bounds
 from lit_robust.certify.bounds import interval_bounds
-from lit_robust.defenses import CERTIFIED_DEFENSES, MTLIBP, SABR, CertifiedTraining, StandardTraining
+from lit_robust.defenses import CERTIFIED_DEFENSES, MTLIBP, SABR, TAPS, CertifiedTraining, StandardTraining
 from lit_robust.defenses.sabr import small_box
 from lit_robust.models import CNN3, DIGITS_MEAN, DIGITS_STD
 
@@ -119,7 +119,7 @@ def test_arguments_are_checked():
 RESULTS = {}
 
 
-@pytest.mark.parametrize("name", ["standard", "ibp", "sabr", "mtlibp"])
+@pytest.mark.parametrize("name", ["standard", "ibp", "sabr", "mtlibp", "taps"])
 def test_digits_certified_accuracy_beats_standard_training(tmp_path, name):
     """10 epochs at eps 0.1 (ramp over 5), as tests/test_certified_training.py: each certified defense
     certifies far more than a standard network (IBP or CROWN-IBP at the module's eps)."""
@@ -131,6 +131,7 @@ def test_digits_certified_accuracy_beats_standard_training(tmp_path, name):
         "sabr": lambda: SABR(_net(), eps=EPS, eps_ramp_epochs=5, optimizer=_adam(), lambda_ratio=0.4,
                              attack_steps=4),
         "mtlibp": lambda: MTLIBP(_net(), eps=EPS, eps_ramp_epochs=5, optimizer=_adam(), alpha=0.5),
+        "taps": lambda: TAPS(_net(), eps=EPS, eps_ramp_epochs=5, optimizer=_adam()),  # 4-layer head, 20 steps, alpha 5
     }
     L.seed_everything(0)
     module = modules[name]()

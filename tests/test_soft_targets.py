@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from digits_bench import quiet_trainer
+from digits_bench import digits_for, quiet_trainer
 
 from lit_robust import objectives as O
 from lit_robust.attacks import PGD, TradesKLAttack, smoothmix_attack
@@ -238,7 +238,7 @@ def test_defenses_train_on_cutmix_rows(tmp_path, name):
 
     module.training_step = recording_step
     trainer = quiet_trainer(tmp_path, fast_dev_run=2)
-    dm = DigitsDataModule(batch_size=16, eval_batch_size=32, cutmix=True)
+    dm = digits_for(name, batch_size=16, eval_batch_size=32, cutmix=True)
     trainer.fit(module, dm)
     assert seen and all(y.dim() == 2 and torch.allclose(y.sum(1), torch.ones(len(y))) for y in seen)
     assert any((y.max(1).values < 1).any() for y in seen)  # mixed, not one-hot

@@ -1,5 +1,5 @@
 """ZeroGrad and MultiGrad (Golgooni et al. 2023): the gradient masks against the official formulas, and the
-catastrophic-overfitting comparison with plain FGSM on the digits. (ATAS: not implemented, see the report.)"""
+catastrophic-overfitting comparison with plain FGSM on the digits. ATAS is tested in tests/test_atas.py."""
 
 import pytest
 import torch

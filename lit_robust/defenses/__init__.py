@@ -6,6 +6,7 @@ which have no adversarial batch and are tested by their own contract.
 """
 
 from lit_robust.objectives.awp import WeightPerturbation
+from lit_robust.defenses.atas import ATAS
 from lit_robust.defenses.base import AdversarialModule, TrainingOutput
 from lit_robust.defenses.certified import CertifiedTraining
 from lit_robust.defenses.deat import DEAT
@@ -24,6 +25,7 @@ from lit_robust.defenses.pgd_at import PGDAT
 from lit_robust.defenses.rlat import RLAT
 from lit_robust.defenses.robust_mixup import RobustMixup
 from lit_robust.defenses.sabr import SABR
+from lit_robust.defenses.taps import TAPS
 from lit_robust.defenses.smoothing import GaussianAugmentation, SmoothedClassifierModule, SmoothMix
 from lit_robust.defenses.standard import StandardTraining
 from lit_robust.defenses.trades import TRADES
@@ -51,6 +53,7 @@ DEFENSES: dict[str, type[AdversarialModule]] = {
     "GradAlign": GradAlign,
     "ZeroGrad": ZeroGrad,
     "MultiGrad": MultiGrad,
+    "ATAS": ATAS,
 }
 
 CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
@@ -58,6 +61,7 @@ CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
     "GaussianLossSmoothing": GaussianLossSmoothing,
     "SABR": SABR,
     "MTLIBP": MTLIBP,
+    "TAPS": TAPS,
     "GaussianAugmentation": GaussianAugmentation,
     "SmoothMix": SmoothMix,
 }

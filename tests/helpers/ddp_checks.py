@@ -70,7 +70,8 @@ def make(name: str) -> L.LightningModule:
         return CERTIFIED_DEFENSES[name](net, eps=0.1, eps_ramp_epochs=1, val_attack_steps=1, **extra)
     if name in CERTIFIED_DEFENSES:
         return CERTIFIED_DEFENSES[name](SmallCNN(width=4), sigma=0.25)
-    return DEFENSES[name](SmallCNN(width=4), eps=0.2, steps=2, step_size=0.1, val_attack_steps=1)
+    extra = {"warmup_epochs": 0} if name == "ATAS" else {}  # its adaptive steps (and their synced state) at once
+    return DEFENSES[name](SmallCNN(width=4), eps=0.2, steps=2, step_size=0.1, val_attack_steps=1, **extra)
 
 
 def main(out_dir: Path, gpus: bool) -> None:
@@ -82,7 +83,9 @@ def main(out_dir: Path, gpus: bool) -> None:
         callbacks = [steps]
         if name == "Foreign+AdversarialTraining":
             callbacks.append(AdversarialTraining(PGD(0.2, 3, 0.1, fosc_threshold=0.05), inputs="image", targets="label"))
-        data = DictDigits(batch_size=16) if name in FOREIGN else DigitsDataModule(batch_size=16, eval_batch_size=16)
+        indexed = getattr(DEFENSES.get(name), "needs_example_index", False)
+        data = DictDigits(batch_size=16) if name in FOREIGN else DigitsDataModule(batch_size=16, eval_batch_size=16,
+                                                                                 with_index=indexed)
         ALLREDUCES[0] = 0
         trainer = L.Trainer(accelerator="gpu" if gpus else "cpu", devices=2, sync_batchnorm=gpus,
                             strategy="ddp", max_steps=3, limit_val_batches=1, num_sanity_val_steps=0,
@@ -94,6 +97,9 @@ def main(out_dir: Path, gpus: bool) -> None:
         results[name] = {"allreduces": ALLREDUCES[0], "optimizer_steps": steps.count,
                          "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()),
                          "checksum": float(params.double().sum()), "finite": bool(torch.isfinite(params).all())}
+        if getattr(module, "delta", None) is not None:  # per-example state (ATAS): the same on every rank
+            results[name]["state_checksum"] = [float(module.delta.double().sum()),
+                                               float(module.grad_norm_ema.double().sum())]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=2))
 
