@@ -13,11 +13,12 @@ from lit_robust.callbacks.exact_resume import ExactResume
 from lit_robust.callbacks.example_logger import AdversarialExampleLogger
 from lit_robust.callbacks.feature_purification import FeaturePurificationProbe
 from lit_robust.callbacks.fosc import FOSCSchedule
+from lit_robust.callbacks.resolution import ResolutionSchedule
 from lit_robust.callbacks.robust_evaluation import RobustEvaluation
 from lit_robust.callbacks.schedules import AttackSchedule, AttackStepsSchedule, EpsilonSchedule
 from lit_robust.callbacks.weights_from_checkpoint import WeightsFromCheckpoint
 
 __all__ = ["AdversarialCoresetSelection", "AdversarialExampleLogger", "AdversarialTraining", "AttackSchedule",
            "AttackStepsSchedule", "CatastrophicOverfittingMonitor", "EMA", "EpsilonSchedule", "ExactResume",
-           "FOSCSchedule", "FeaturePurificationProbe", "RobustEarlyStopping", "RobustEvaluation",
+           "FOSCSchedule", "FeaturePurificationProbe", "ResolutionSchedule", "RobustEarlyStopping", "RobustEvaluation",
            "WeightsFromCheckpoint", "robust_checkpoint"]

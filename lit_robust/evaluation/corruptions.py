@@ -1,4 +1,4 @@
-"""Accuracy under common corruptions (CIFAR-10-C / CIFAR-100-C), per corruption and severity.
+"""Accuracy under common corruptions (CIFAR-10-C / CIFAR-100-C / ImageNet-C), per corruption and severity.
 
 Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
 Perturbations", ICLR 2019 (https://arxiv.org/abs/1903.12261). The number usually reported for
@@ -80,8 +80,9 @@ def corruption_accuracy(
         model: maps [0, 1] images to logits. It is not moved: it must already sit on ``device``.
             It runs with every submodule in eval mode (each ``training`` flag restored
             afterwards), under ``torch.no_grad``, in fp32 (autocast disabled).
-        datamodule: a :class:`~lit_robust.datamodules.CIFAR10CDataModule` or
-            :class:`~lit_robust.datamodules.CIFAR100CDataModule`, either layout: ``combined=True``
+        datamodule: a :class:`~lit_robust.datamodules.CIFAR10CDataModule`,
+            :class:`~lit_robust.datamodules.CIFAR100CDataModule` or
+            :class:`~lit_robust.datamodules.ImageNetCDataModule`, either layout: ``combined=True``
             (one loader of ``(x, y, corruption_index, severity)`` batches) or ``combined=False``
             (one ``(x, y)`` loader per entry of ``test_names``). Any object with ``corruptions``,
             ``severities``, ``test_names`` and a ``test_dataloader`` of either layout works. Unless
