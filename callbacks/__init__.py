@@ -13,12 +13,14 @@ from lit_robust.callbacks.exact_resume import ExactResume
 from lit_robust.callbacks.example_logger import AdversarialExampleLogger
 from lit_robust.callbacks.feature_purification import FeaturePurificationProbe
 from lit_robust.callbacks.fosc import FOSCSchedule
+from lit_robust.callbacks.piecewise_lr import PiecewiseLinearLR
 from lit_robust.callbacks.resolution import ResolutionSchedule
 from lit_robust.callbacks.robust_evaluation import RobustEvaluation
 from lit_robust.callbacks.schedules import AttackSchedule, AttackStepsSchedule, EpsilonSchedule
+from lit_robust.callbacks.timm_weights import TimmPretrainedWeights
 from lit_robust.callbacks.weights_from_checkpoint import WeightsFromCheckpoint
 
 __all__ = ["AdversarialCoresetSelection", "AdversarialExampleLogger", "AdversarialTraining", "AttackSchedule",
            "AttackStepsSchedule", "CatastrophicOverfittingMonitor", "EMA", "EpsilonSchedule", "ExactResume",
-           "FOSCSchedule", "FeaturePurificationProbe", "ResolutionSchedule", "RobustEarlyStopping", "RobustEvaluation",
-           "WeightsFromCheckpoint", "robust_checkpoint"]
+           "FOSCSchedule", "FeaturePurificationProbe", "PiecewiseLinearLR", "ResolutionSchedule", "RobustEarlyStopping",
+           "RobustEvaluation", "TimmPretrainedWeights", "WeightsFromCheckpoint", "robust_checkpoint"]

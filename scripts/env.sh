@@ -13,5 +13,5 @@ python3 -m venv .venv
 log=.venv/install.log
 pip_install() { .venv/bin/python -m pip install --disable-pip-version-check -c requirements/constraints.txt "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; exit 1; }; }
 pip_install setuptools wheel
-pip_install --no-build-isolation -e '.[test]'
+pip_install --no-build-isolation -e '.[test,timm,docs]'
 echo "$want" > .venv/.lit_robust_env

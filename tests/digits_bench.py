@@ -7,7 +7,7 @@ standard-trained network of the same size under the same attack.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as L
 import pytest
@@ -41,6 +41,20 @@ def needs_index(name: str) -> bool:
 def digits_for(name: str, **kwargs) -> DigitsDataModule:
     """``DigitsDataModule(**kwargs)`` for the registered defense ``name``: with example indices where it needs them."""
     return DigitsDataModule(with_index=needs_index(name), **kwargs)
+
+
+def data_per_defense(make: Callable[[bool], Any]) -> Callable[[str], Any]:
+    """``get(name)``: the DataModule ``make(with_index)`` for the registered defense ``name``, built and set up once
+    per value of ``with_index`` (:func:`needs_index`), for tests that run over the registry."""
+    made = {}
+
+    def get(name: str) -> Any:
+        flag = needs_index(name)
+        if flag not in made:
+            made[flag] = make(flag)
+            made[flag].setup()
+        return made[flag]
+    return get
 
 
 def fit_on_digits(module: AdversarialModule, epochs: int = 8, callbacks: tuple = ()) -> AdversarialModule:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from digits_bench import InferenceModeSeen, needs_index, quiet_trainer as _trainer
+from digits_bench import InferenceModeSeen, data_per_defense, quiet_trainer as _trainer
 
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.defenses import DEFENSES, AdversarialModule
@@ -26,15 +26,7 @@ def _make(name, extra):
 @pytest.fixture(scope="module")
 def data():
     """``data(name)``: the digits, with example indices in the training batches for a defense that needs them."""
-    made = {}
-
-    def for_defense(name):
-        flag = needs_index(name)
-        if flag not in made:
-            made[flag] = DigitsDataModule(batch_size=16, eval_batch_size=32, with_index=flag)
-            made[flag].setup()
-        return made[flag]
-    return for_defense
+    return data_per_defense(lambda flag: DigitsDataModule(batch_size=16, eval_batch_size=32, with_index=flag))
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=IDS)

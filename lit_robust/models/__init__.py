@@ -8,11 +8,12 @@ from lit_robust.models.swish_wide_resnet import (
     SwishWideResNet, load_official_state_dict, official_state_dict, swish_wide_resnet, wrn_28_10_swish, wrn_70_16_swish,
 )
 from lit_robust.models.symmetric_relu import LinearNet, SymmetricReLUNet, purity
+from lit_robust.models.timm_models import TimmClassifier, timm_model  # imports timm only when used
 from lit_robust.models.wide_resnet import WideResNet
 
 __all__ = [
     "CNN3", "CNN5", "CNN7", "ibp_init", "CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_MEAN", "DIGITS_STD",
     "LinearNet", "Normalize", "PreActResNet18", "ResNet18", "ResNet110", "SmallCNN", "SymmetricReLUNet", "WideResNet",
     "SwishWideResNet", "load_official_state_dict", "official_state_dict", "swish_wide_resnet", "wrn_28_10_swish",
-    "wrn_70_16_swish", "purity",
+    "wrn_70_16_swish", "purity", "TimmClassifier", "timm_model",
 ]
