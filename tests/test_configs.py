@@ -152,6 +152,7 @@ def _singh_common(cli, arch, params):
     assert sum(p.numel() for p in module.model.parameters()) == params
     assert module.model.normalize.mean.eq(0).all() and module.model.normalize.std.eq(1).all()
     assert (module.eps, module.steps, module.step_size) == (pytest.approx(4 / 255), 2, pytest.approx(8 / 255))
+    assert type(module.attack).__name__ == "APGDTrain" and module.attack.step_size == pytest.approx(8 / 255)
     assert module.attack_bn_mode == "eval" and module.label_smoothing == 0.1
     optimizer, decays = _groups(module)
     assert isinstance(optimizer, torch.optim.AdamW) and decays == {0.05, 0.0}
@@ -168,7 +169,7 @@ def _singh_common(cli, arch, params):
 @pytest.mark.parametrize("name,arch,params", [("finetune_convnext.yaml", "convnext_base", 88_591_464),
                                               ("finetune_vit.yaml", "vit_base_patch16_224", 86_567_656)])
 def test_imagenet_finetune_recipes_are_singh_et_al(tmp_path, name, arch, params):
-    """nmndeep/revisiting-at run_train.sh and main.py: no input normalisation, APGD-2 (here PGD-2, 2 eps steps) at
+    """nmndeep/revisiting-at run_train.sh and main.py: no input normalisation, APGD-2 (first step 2 eps) at
     4/255 in eval mode, AdamW (0.9, 0.95) lr 1e-3 wd 0.05 without decay on biases and 1-D tensors, label smoothing
     0.1, EMA 0.9999, batch 80, resolution 224; 50 epochs (README's ConvNeXt-B / ViT-B rows)."""
     pytest.importorskip("timm")
