@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lit_robust.datamodules.arrays import ImageDataModule
@@ -27,6 +28,11 @@ class DigitsDataModule(ImageDataModule):
         augment: training augmentation, off by default: a random 8x8 crop of the 1-pixel
             reflect-padded image, no flip (a mirrored digit is another glyph, or none).
         on_device, cutmix, with_index: as in :class:`~lit_robust.datamodules.arrays.ImageDataModule`.
+        size: side of the served images. 8 serves the originals; a larger size resizes them bilinearly
+            (``F.interpolate``, ``align_corners=False``) and stores them in steps of 1/255: the same 1,797
+            digits with a higher-dimensional threat model, where single-step training overfits
+            catastrophically (16: plain FGSM at Linf 0.15 collapses, ``tests/test_single_step_collapse.py``), as it
+            does not at 8x8.
     """
 
     num_classes = 10
@@ -36,13 +42,17 @@ class DigitsDataModule(ImageDataModule):
 
     def __init__(self, batch_size: int = 64, eval_batch_size: Optional[int] = None, val_size: int = 180,
                  test_size: int = 359, seed: int = 0, num_workers: int = 0, augment: bool = False,
-                 on_device: bool = False, cutmix: bool = False, with_index: bool = False) -> None:
+                 on_device: bool = False, cutmix: bool = False, with_index: bool = False, size: int = 8) -> None:
         super().__init__("", False, batch_size, eval_batch_size, num_workers, val_size, seed, augment, on_device,
                          cutmix, with_index)
         if test_size < 1 or val_size + test_size >= self.num_images:
             raise ValueError(f"test_size must be >= 1 and val_size + test_size < {self.num_images}, got test_size "
                              f"{test_size} and val_size {val_size}")
-        self.test_size = test_size
+        if int(size) != size or size < 8:
+            raise ValueError(f"size must be an integer >= 8 (the originals are 8x8), got {size}")
+        self.test_size, self.size = test_size, int(size)
+        if self.size != 8:
+            self.dims, self.max_value = (1, self.size, self.size), 255
         self.remove_ignored_hparams(["data_dir", "download"])  # the base's, meaningless here
         self.save_hyperparameters()
 
@@ -58,4 +68,7 @@ class DigitsDataModule(ImageDataModule):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         test, val = self.test_size, self.val_size
         parts = {"train": order[test + val:], "val": order[test:test + val], "test": order[:test]}
+        if self.size != 8:
+            grown = F.interpolate(images.float() / 16, size=self.size, mode="bilinear", align_corners=False)
+            images = (grown * 255).round().clamp(0, 255).to(torch.uint8)
         return {name: (images[index], labels[index]) for name, index in parts.items()}

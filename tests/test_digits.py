@@ -75,7 +75,7 @@ def test_hyperparameters_rebuild_the_same_datamodule():
     dm = DigitsDataModule(batch_size=8, val_size=100, test_size=200, augment=True)
     assert dict(dm.hparams) == {"batch_size": 8, "eval_batch_size": None, "val_size": 100, "test_size": 200, "seed": 0,
                                 "num_workers": 0, "augment": True, "on_device": False, "cutmix": False,
-                                "with_index": False}
+                                "with_index": False, "size": 8}
     assert DigitsDataModule(**dm.hparams).test_size == 200
 
 
