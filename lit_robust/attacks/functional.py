@@ -17,11 +17,14 @@ from torch import Tensor, nn
 from lit_robust.targets import require_class_labels
 
 NORMS = ("linf", "l2")
+"""The threat models of PGD and of the defenses' attacks."""
 LOSSES = ("ce", "margin", "dlr")
+"""The attack objectives: cross-entropy, the Carlini-Wagner margin, Croce & Hein's DLR."""
 _TINY = 1e-12
 
 
 def check_norm(norm: str) -> str:
+    """``norm`` if it is one of :data:`NORMS`, else a ``ValueError`` listing them."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return norm
@@ -183,7 +186,8 @@ def loss_and_input_grad(
 
 # --- the L1 threat model (Maini et al., ICML 2020; Tramer & Boneh, NeurIPS 2019) ---------------------------
 
-UNION_NORMS = ("linf", "l2", "l1")  #: the threat models of multiple-norm training (``lit_robust.attacks.union``)
+UNION_NORMS = ("linf", "l2", "l1")
+"""The threat models of multiple-norm training (``lit_robust.attacks.union``)."""
 
 
 def project_l1_ball(delta: Tensor, eps: float) -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor
 __all__ = ["ESTIMATORS", "pgpe_gradient", "rgs_gradient", "smoothed_surrogate"]
 
 ESTIMATORS = ("rgs", "pgpe")
+"""GLS's gradient estimators: randomized gradient smoothing and PGPE (antithetic parameter-exploring pairs)."""
 
 LossFn = Callable[[dict[str, Tensor]], Tensor]
 

@@ -28,6 +28,7 @@ from lit_robust.evaluation.progress import progress_bar
 __all__ = ["ABSTAIN", "Smooth", "average_certified_radius", "certified_accuracy", "clopper_pearson_lower"]
 
 ABSTAIN = -1
+"""The class a smoothed classifier returns when its test cannot decide (Cohen et al.'s abstention)."""
 
 
 def _check_alpha(alpha: float) -> None:

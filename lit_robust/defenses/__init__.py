@@ -55,6 +55,7 @@ DEFENSES: dict[str, type[AdversarialModule]] = {
     "MultiGrad": MultiGrad,
     "ATAS": ATAS,
 }
+"""Every empirical defense by its public name (trained against an attack); the contract tests run over it."""
 
 CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
     "CertifiedTraining": CertifiedTraining,
@@ -65,6 +66,7 @@ CERTIFIED_DEFENSES: dict[str, type[AdversarialModule]] = {
     "GaussianAugmentation": GaussianAugmentation,
     "SmoothMix": SmoothMix,
 }
+"""The defenses trained for certificates (interval bounds or randomized smoothing), tested by their own contract."""
 
 __all__ = ["CERTIFIED_DEFENSES", "DEFENSES", "AdversarialModule", "JacobianRegularized", "OODAugmentedTraining",
            "SmoothedClassifierModule", "TrainingOutput",

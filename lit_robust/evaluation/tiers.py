@@ -51,6 +51,7 @@ from lit_robust.evaluation.autoattack import autoattack
 from lit_robust.evaluation.progress import progress_bar, show_accuracy
 
 TIERS = ("pgd", "apgd", "autoattack")
+"""The evaluation tiers, cheapest first: PGD, the reference APGD-CE + APGD-T, the reference AutoAttack."""
 #: the keys each tier adds to the per-example correctness (besides "clean" and "worst_case")
 TIER_KEYS = {"pgd": ("pgd",), "apgd": ("apgd-ce", "apgd-t"), "autoattack": ("autoattack",)}
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}  # RobustBench's CIFAR-10 threat models

@@ -8,9 +8,13 @@ import torch
 from torch import Tensor, nn
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)  # the values in locuslab/robust_overfitting
-DIGITS_MEAN = (0.3053,)  # scikit-learn's 8x8 digits scaled to [0, 1]
+"""CIFAR-10's per-channel mean (the values in locuslab/robust_overfitting)."""
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+"""CIFAR-10's per-channel standard deviation (the values in locuslab/robust_overfitting)."""
+DIGITS_MEAN = (0.3053,)
+"""The mean of scikit-learn's 8x8 digits scaled to [0, 1]."""
 DIGITS_STD = (0.3760,)
+"""The standard deviation of scikit-learn's 8x8 digits scaled to [0, 1]."""
 
 
 class Normalize(nn.Module):

@@ -62,6 +62,7 @@ def pgd_at_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor,
 
 
 def pgd_at_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """PGD-AT's loss, ``CE(f(x_adv), y)`` (batch mean): :func:`pgd_at_objective`'s ``loss``."""
     return pgd_at_objective(model, x, x_adv, y, label_smoothing).loss
 
 
@@ -97,6 +98,7 @@ def trades_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta
 
 def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
                 label_smoothing: float = 0.0, clean_bn_update: bool = True) -> Tensor:
+    """TRADES' loss, ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` (batch mean): :func:`trades_objective`'s ``loss``."""
     return trades_objective(model, x, x_adv, y, beta, label_smoothing, clean_bn_update).loss
 
 
@@ -143,6 +145,8 @@ def mart_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: 
 
 def mart_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0,
               label_smoothing: float = 0.0) -> Tensor:
+    """MART's loss (boosted CE on ``x_adv`` plus the misclassification-weighted KL): :func:`mart_objective`'s
+    ``loss``."""
     return mart_objective(model, x, x_adv, y, beta, label_smoothing).loss
 
 
@@ -182,6 +186,7 @@ def interpolated_at_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Ten
 
 def interpolated_at_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, alpha: float = 1.0,
                          label_smoothing: float = 0.0) -> Tensor:
+    """Interpolated AT's loss (mixup of clean and adversarial pairs): :func:`interpolated_at_objective`'s ``loss``."""
     return interpolated_at_objective(model, x, x_adv, y, alpha, label_smoothing).loss
 
 
