@@ -46,3 +46,24 @@ class SplitDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+
+class TestOnly:
+    """Mixin (before ``SplitDataModule`` in the bases) for a corruption benchmark: no training or validation
+    loaders, and an error saying what to train on instead. The class names its ``base_folder``, the split the
+    corrupted images come from (``corrupted_split``) and the DataModule to train and select on (``clean_hint``)."""
+
+    base_folder: str
+    corrupted_split: str = "test"
+    clean_hint: str = "the clean dataset"
+
+    def train_dataloader(self) -> DataLoader:
+        raise RuntimeError(self._test_only("train_dataloader"))
+
+    def val_dataloader(self) -> DataLoader:
+        raise RuntimeError(self._test_only("val_dataloader"))
+
+    def _test_only(self, method: str) -> str:
+        return (f"{type(self).__name__} has no {method}: {self.base_folder} is a test set only (corrupted "
+                f"{self.corrupted_split} images); train and select on {self.clean_hint}, then "
+                "trainer.test(module, datamodule=this)")

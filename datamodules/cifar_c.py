@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_robust.datamodules import files
 from lit_robust.datamodules.arrays import DeviceBatches, to_unit_float
-from lit_robust.datamodules.base import SplitDataModule
+from lit_robust.datamodules.base import SplitDataModule, TestOnly
 
 #: The 15 corruptions of the benchmark (the paper's Figure 1 order).
 BENCHMARK_CORRUPTIONS = (
@@ -80,7 +80,7 @@ class WithCorruption:
             yield x, targets[:, 0], targets[:, 1], targets[:, 2]
 
 
-class CIFAR10CDataModule(files.ArchiveDataset, SplitDataModule):
+class CIFAR10CDataModule(files.ArchiveDataset, TestOnly, SplitDataModule):
     """CIFAR-10-C as [0, 1] tensors ``[B, 3, 32, 32]``, for ``trainer.test`` only.
 
     Files: ``data_dir/CIFAR-10-C/`` as the release unpacks it: ``labels.npy`` (``[5 * N]``)
@@ -142,12 +142,7 @@ class CIFAR10CDataModule(files.ArchiveDataset, SplitDataModule):
                  on_device: bool = False) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         self.data_dir, self.download_files, self.combined, self.on_device = data_dir, download, combined, on_device
-        self.corruptions = _selection("corruptions", BENCHMARK_CORRUPTIONS if corruptions is None else corruptions,
-                                      CORRUPTIONS)
-        self.severities = tuple(int(s) for s in _selection("severities", SEVERITIES if severities is None
-                                                           else severities, SEVERITIES))
-        self.pairs = [(c, s) for c in range(len(self.corruptions)) for s in self.severities]
-        self.test_names = [f"{self.corruptions[c]}/{s}" for c, s in self.pairs]
+        self.corruptions, self.severities, self.pairs, self.test_names = corruption_pairs(corruptions, severities)
         self.labels: Optional[Tensor] = None
 
     def _files(self) -> list[Path]:
@@ -228,15 +223,6 @@ class CIFAR10CDataModule(files.ArchiveDataset, SplitDataModule):
         return [DeviceBatches(images[p * n:(p + 1) * n], targets[p * n:(p + 1) * n, 0], size, shuffle=False,
                               rank=rank, world_size=world) for p in range(len(self.pairs))]
 
-    def train_dataloader(self) -> DataLoader:
-        raise RuntimeError(self._test_only("train_dataloader"))
-
-    def val_dataloader(self) -> DataLoader:
-        raise RuntimeError(self._test_only("val_dataloader"))
-
-    def _test_only(self, method: str) -> str:
-        return (f"{type(self).__name__} has no {method}: {self.base_folder} is a test set only (corrupted test "
-                f"images); train and select on the clean dataset, then trainer.test(module, datamodule=this)")
 
 
 class CIFAR100CDataModule(CIFAR10CDataModule):
@@ -251,6 +237,17 @@ class CIFAR100CDataModule(CIFAR10CDataModule):
     md5 = "11f0ed0f1191edbf9fa23466ae6021d3"
     base_folder = "CIFAR-100-C"
     num_classes = 100
+
+
+def corruption_pairs(corruptions: Optional[Sequence[str]], severities: Optional[Sequence[int]]
+                     ) -> tuple[tuple[str, ...], tuple[int, ...], list[tuple[int, int]], list[str]]:
+    """The checked selection (None: the 15 benchmark corruptions, severities 1-5), its ``(corruption index,
+    severity)`` pairs and their test names ``"<corruption>/<severity>"``."""
+    chosen = _selection("corruptions", BENCHMARK_CORRUPTIONS if corruptions is None else corruptions, CORRUPTIONS)
+    levels = tuple(int(s) for s in _selection("severities", SEVERITIES if severities is None else severities,
+                                              SEVERITIES))
+    pairs = [(c, s) for c in range(len(chosen)) for s in levels]
+    return chosen, levels, pairs, [f"{chosen[c]}/{s}" for c, s in pairs]
 
 
 def _selection(argument: str, values: Sequence, accepted: Sequence) -> tuple:

@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from lit_robust.datamodules.base import SplitDataModule
-from lit_robust.datamodules.cifar_c import BENCHMARK_CORRUPTIONS, CORRUPTIONS, SEVERITIES, _selection
+from lit_robust.datamodules.base import SplitDataModule, TestOnly
+from lit_robust.datamodules.cifar_c import corruption_pairs
 from lit_robust.datamodules.image_folder import (ImageFiles, Sample, check_same_classes, eval_transform,
                                                  scan_class_folders, short_list)
 
@@ -37,7 +37,7 @@ class CorruptedImageFiles(ImageFiles):
         return x, y, self.tags[index, 0], self.tags[index, 1]
 
 
-class ImageNetCDataModule(SplitDataModule):
+class ImageNetCDataModule(TestOnly, SplitDataModule):
     """ImageNet-C as [0, 1] tensors ``[B, 3, 224, 224]``, for ``trainer.test`` and the corruption evaluation only.
 
     Files: ``data_dir/<corruption>/<severity 1-5>/<wnid>/*.JPEG``, as the release's tars
@@ -72,6 +72,7 @@ class ImageNetCDataModule(SplitDataModule):
     """
 
     base_folder = "ImageNet-C"
+    corrupted_split, clean_hint = "validation", "ImageNetDataModule"
 
     def __init__(self, data_dir: str = "data/ImageNet-C", corruptions: Optional[Sequence[str]] = None,
                  severities: Optional[Sequence[int]] = None, num_classes: Optional[int] = 1000,
@@ -83,12 +84,7 @@ class ImageNetCDataModule(SplitDataModule):
             raise ValueError(f"resolution must be an integer >= 1 (pixels) or None (as stored), got {resolution!r}")
         self.data_dir, self.expected_classes, self.resolution = data_dir, num_classes, resolution
         self.combined = combined
-        self.corruptions = _selection("corruptions", BENCHMARK_CORRUPTIONS if corruptions is None else corruptions,
-                                      CORRUPTIONS)
-        self.severities = tuple(int(s) for s in _selection("severities", SEVERITIES if severities is None
-                                                           else severities, SEVERITIES))
-        self.pairs = [(c, s) for c in range(len(self.corruptions)) for s in self.severities]
-        self.test_names = [f"{self.corruptions[c]}/{s}" for c, s in self.pairs]
+        self.corruptions, self.severities, self.pairs, self.test_names = corruption_pairs(corruptions, severities)
         self.labels: Optional[Tensor] = None
         self.classes: list[str] = []
         self._scanned: Optional[list[list[Sample]]] = None  # prepare_data's index, reused by setup
@@ -140,13 +136,3 @@ class ImageNetCDataModule(SplitDataModule):
         return [DataLoader(self.splits[name], batch_size=self.eval_batch_size or self.batch_size,
                            num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
                 for name in self.test_names]
-
-    def train_dataloader(self) -> DataLoader:
-        raise RuntimeError(self._test_only("train_dataloader"))
-
-    def val_dataloader(self) -> DataLoader:
-        raise RuntimeError(self._test_only("val_dataloader"))
-
-    def _test_only(self, method: str) -> str:
-        return (f"{type(self).__name__} has no {method}: ImageNet-C is a test set only (corrupted validation "
-                f"images); train and select on ImageNetDataModule, then trainer.test(module, datamodule=this)")
